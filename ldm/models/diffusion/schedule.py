@@ -1,0 +1,138 @@
+"""The diffusion process as pure tensor functions: beta schedules, noising and parameterisations.
+
+Notation (one name per concept, as in the rest of the package):
+    x0      clean sample (a first-stage latent `z` in latent diffusion)    (B, C, H, W)
+    x_t     x0 noised to timestep t                                        (B, C, H, W)
+    eps     the Gaussian noise mixed into x_t                              (B, C, H, W)
+    v       velocity sqrt(a_t) * eps - sqrt(1 - a_t) * x0                  (B, C, H, W)
+    t       integer timesteps in [0, T)                                    (B,)
+    a_t     alphas_cumprod[t], broadcast against x                         (B, 1, 1, 1)
+Ho et al. 2020 (DDPM), Nichol & Dhariwal 2021 (cosine), Salimans & Ho 2022 (v-prediction).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PARAMETERIZATIONS = ("eps", "x0", "v")
+BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
+# Floor of the posterior variance before its log: it is exactly 0 at t = 0.
+POSTERIOR_VARIANCE_FLOOR = 1e-20
+
+
+def make_beta_schedule(
+    kind: str, n: int, linear_start: float, linear_end: float, cosine_s: float = 8e-3
+) -> torch.Tensor:
+    """(n,) float64 betas. SD's "linear" is linear in sqrt(beta) (diffusers' scaled_linear)."""
+    if kind == "linear":
+        return torch.linspace(linear_start**0.5, linear_end**0.5, n, dtype=torch.float64) ** 2
+    if kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17
+        s = torch.arange(n + 1, dtype=torch.float64) / n + cosine_s
+        alphas_cumprod = torch.cos(s / (1 + cosine_s) * math.pi / 2) ** 2
+        return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0, 0.999)
+    if kind == "sqrt_linear":
+        return torch.linspace(linear_start, linear_end, n, dtype=torch.float64)
+    if kind == "sqrt":
+        return torch.linspace(linear_start, linear_end, n, dtype=torch.float64) ** 0.5
+    raise ValueError(f"beta_schedule {kind!r} is unknown; expected one of {BETA_SCHEDULES}")
+
+
+def schedule_buffers(betas: torch.Tensor, v_posterior: float = 0.0) -> dict[str, torch.Tensor]:
+    """The original LatentDiffusion schedule buffers, by name, from betas (Ho et al. 2020)."""
+    alphas = 1 - betas
+    ac = torch.cumprod(alphas, 0)
+    ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
+    posterior_variance = (1 - v_posterior) * betas * (1 - ac_prev) / (1 - ac) + v_posterior * betas
+    buffers = {
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": ac.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - ac).log(),
+        "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(),
+        "posterior_variance": posterior_variance,  # Ho et al. 2020, eq. 7
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=POSTERIOR_VARIANCE_FLOOR).log(),
+        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1 - ac),
+        "posterior_mean_coef2": (1 - ac_prev) * alphas.sqrt() / (1 - ac),
+    }
+    return buffers
+
+
+def vlb_weights(betas: torch.Tensor, parameterization: str) -> torch.Tensor:
+    """Weights turning each parameterisation's squared error into the bound's L_t (Ho eq. 8-12)."""
+    buffers = schedule_buffers(betas)
+    ac, variance = buffers["alphas_cumprod"], buffers["posterior_variance"]
+    eps_weights = betas**2 / (2 * variance * (1 - betas) * (1 - ac))
+    weights = {
+        "eps": eps_weights,
+        "x0": buffers["posterior_mean_coef1"] ** 2 / (2 * variance),
+        "v": eps_weights * ac,  # eps - eps_hat = sqrt(a_t) (v - v_hat)
+    }[parameterization]
+    weights[0] = weights[1]  # the t = 0 term divides by a zero posterior variance
+    return weights.float()
+
+
+def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Append trailing singleton dims to `a` until it has `ndim` dims, for broadcasting."""
+    return a.reshape(*a.shape, *([1] * (ndim - a.ndim)))
+
+
+def extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """a[t] shaped (B, 1, ..., 1) with `ndim` dims."""
+    return append_dims(a.to(t.device)[t], ndim)
+
+
+def q_sample(x0, t, eps, alphas_cumprod) -> torch.Tensor:
+    """Noise x0 to timestep t: sqrt(a_t) x0 + sqrt(1 - a_t) eps (Ho et al. 2020, eq. 4)."""
+    a_t = extract(alphas_cumprod, t, x0.ndim)
+    return a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+
+
+def x0_from_eps(x_t, t, eps, alphas_cumprod) -> torch.Tensor:
+    """Invert q_sample for x0 given the noise (Ho et al. 2020, eq. 15)."""
+    a_t = extract(alphas_cumprod, t, x_t.ndim)
+    return (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+
+
+def eps_from_x0(x_t, t, x0, alphas_cumprod) -> torch.Tensor:
+    """Invert q_sample for the noise given x0."""
+    a_t = extract(alphas_cumprod, t, x_t.ndim)
+    return (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+
+
+def v_from_eps(x0, t, eps, alphas_cumprod) -> torch.Tensor:
+    """Velocity target v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022, sec. 4)."""
+    a_t = extract(alphas_cumprod, t, x0.ndim)
+    return a_t.sqrt() * eps - (1 - a_t).sqrt() * x0
+
+
+def x0_from_v(x_t, t, v, alphas_cumprod) -> torch.Tensor:
+    """x0 = sqrt(a_t) x_t - sqrt(1 - a_t) v (Salimans & Ho 2022, appendix D)."""
+    a_t = extract(alphas_cumprod, t, x_t.ndim)
+    return a_t.sqrt() * x_t - (1 - a_t).sqrt() * v
+
+
+def eps_from_v(x_t, t, v, alphas_cumprod) -> torch.Tensor:
+    """eps = sqrt(1 - a_t) x_t + sqrt(a_t) v (Salimans & Ho 2022, appendix D)."""
+    a_t = extract(alphas_cumprod, t, x_t.ndim)
+    return (1 - a_t).sqrt() * x_t + a_t.sqrt() * v
+
+
+def training_target(parameterization: str, x0, t, eps, alphas_cumprod) -> torch.Tensor:
+    """What the network is trained to predict for each parameterisation."""
+    if parameterization == "eps":
+        return eps
+    if parameterization == "x0":
+        return x0
+    if parameterization == "v":
+        return v_from_eps(x0, t, eps, alphas_cumprod)
+    raise ValueError(f"parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}")
+
+
+def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio a / (1 - a) per timestep (Kingma et al. 2021)."""
+    return alphas_cumprod / (1 - alphas_cumprod)

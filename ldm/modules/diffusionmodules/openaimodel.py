@@ -1,0 +1,264 @@
+"""The cross-attention UNet of Stable Diffusion v1/v2, with the original module names.
+
+Ronneberger et al. 2015 (U-Net); Dhariwal & Nichol 2021 (ADM blocks); Rombach et al. 2022 (LDM).
+The order in which blocks are appended fixes the `input_blocks.{i}.{j}` checkpoint indices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.attention import SpatialTransformer
+from ldm.modules.diffusionmodules.util import (
+    maybe_checkpoint,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
+
+COMPAT_PARAMS = {
+    "image_size": "unused by the original too; the UNet is fully convolutional",
+    "use_fp16": "the original only cast inputs and relied on autocast; precision is chosen by "
+    "the Trainer's `precision` or the sampler's autocast",
+    "legacy": "only changes head sizes of the legacy QKV attention, which is not built here",
+    "num_heads_upsample": "only used by the legacy QKV attention, which is not built here",
+}
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A Sequential that hands the time embedding and context to the layers that take them."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest neighbour, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class ResBlock(nn.Module):
+    """Residual block with the time embedding added (or used as scale/shift) after the first conv."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_checkpoint: bool = False,
+        use_scale_shift_norm: bool = False,
+    ):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        same = out_channels == channels
+        self.skip_connection = nn.Identity() if same else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return maybe_checkpoint(self._forward, x, emb, enabled=self.use_checkpoint)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]  # (B, C or 2C, 1, 1)
+        if self.use_scale_shift_norm:
+            norm, rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = rest(norm(h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class UNetModel(nn.Module):
+    """The SD UNet: `forward(x (B,C,H,W), timesteps (B,), context (B,L,D)) -> (B,C_out,H,W)`."""
+
+    def __init__(
+        self,
+        image_size: int | None,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: list[int],
+        dropout: float = 0.0,
+        channel_mult: list[int] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        dims: int = 2,
+        num_classes: int | None = None,
+        use_checkpoint: bool = False,
+        use_fp16: bool = False,
+        num_heads: int = -1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+        use_spatial_transformer: bool = False,
+        transformer_depth: int = 1,
+        context_dim: int | None = None,
+        n_embed: int | None = None,
+        legacy: bool = True,
+        disable_self_attentions: list[bool] | None = None,
+        num_attention_blocks: list[int] | None = None,
+        disable_middle_self_attn: bool = False,
+        use_linear_in_transformer: bool = False,
+    ):
+        super().__init__()
+        _reject_unsupported(
+            conv_resample=(conv_resample, True), dims=(dims, 2), num_classes=(num_classes, None),
+            resblock_updown=(resblock_updown, False), n_embed=(n_embed, None),
+            use_new_attention_order=(use_new_attention_order, False),
+            use_spatial_transformer=(use_spatial_transformer, True),
+            num_attention_blocks=(num_attention_blocks, None),
+        )  # fmt: skip
+        if context_dim is None or not isinstance(context_dim, int):
+            raise ValueError(f"UNetModel: context_dim must be an int, got {context_dim!r}")
+        if (num_heads == -1) == (num_head_channels == -1):
+            raise ValueError("UNetModel: set exactly one of num_heads and num_head_channels")
+        self.model_channels = model_channels
+        self.num_res_blocks = num_res_blocks
+        self.channel_mult = list(channel_mult)
+        self.attention_resolutions = set(attention_resolutions)
+        self.disable_self_attentions = disable_self_attentions or [False] * len(channel_mult)
+        self.block_kwargs = dict(dropout=dropout, use_checkpoint=use_checkpoint)
+        self.resblock_kwargs = dict(use_scale_shift_norm=use_scale_shift_norm)
+        self.attn_kwargs = dict(
+            num_heads=num_heads, num_head_channels=num_head_channels, depth=transformer_depth,
+            context_dim=context_dim, use_linear=use_linear_in_transformer,
+        )  # fmt: skip
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_embed_dim),
+            nn.SiLU(),
+            nn.Linear(time_embed_dim, time_embed_dim),
+        )
+        self.input_blocks, skip_channels = self._make_input_blocks(in_channels, time_embed_dim)
+        ch = model_channels * self.channel_mult[-1]
+        self.middle_block = self._make_middle_block(ch, time_embed_dim, disable_middle_self_attn)
+        self.output_blocks = self._make_output_blocks(skip_channels, time_embed_dim)
+        self.out = nn.Sequential(
+            normalization(model_channels),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
+        )
+
+    def _resblock(self, ch: int, emb_dim: int, out_ch: int) -> ResBlock:
+        return ResBlock(ch, emb_dim, out_channels=out_ch, **self.block_kwargs, **self.resblock_kwargs)
+
+    def _transformer(self, ch: int, disable_self_attn: bool) -> SpatialTransformer:
+        kw = self.attn_kwargs
+        heads = kw["num_heads"] if kw["num_head_channels"] == -1 else ch // kw["num_head_channels"]
+        return SpatialTransformer(
+            ch, heads, ch // heads, depth=kw["depth"], dropout=self.block_kwargs["dropout"],
+            context_dim=kw["context_dim"], disable_self_attn=disable_self_attn,
+            use_linear=kw["use_linear"], use_checkpoint=self.block_kwargs["use_checkpoint"],
+        )  # fmt: skip
+
+    def _make_input_blocks(self, in_channels: int, emb_dim: int) -> tuple[nn.ModuleList, list]:
+        ch = self.model_channels
+        blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skip_channels, ds = [ch], 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                layers = [self._resblock(ch, emb_dim, mult * self.model_channels)]
+                ch = mult * self.model_channels
+                if ds in self.attention_resolutions:
+                    layers.append(self._transformer(ch, self.disable_self_attentions[level]))
+                blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(self.channel_mult) - 1:
+                blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+        return blocks, skip_channels
+
+    def _make_middle_block(self, ch: int, emb_dim: int, disable_self_attn: bool):
+        return TimestepEmbedSequential(
+            self._resblock(ch, emb_dim, ch),
+            self._transformer(ch, disable_self_attn),
+            self._resblock(ch, emb_dim, ch),
+        )
+
+    def _make_output_blocks(self, skip_channels: list[int], emb_dim: int) -> nn.ModuleList:
+        skip_channels = list(skip_channels)
+        blocks = nn.ModuleList()
+        ch = self.model_channels * self.channel_mult[-1]
+        ds = 2 ** (len(self.channel_mult) - 1)
+        for level, mult in reversed(list(enumerate(self.channel_mult))):
+            for i in range(self.num_res_blocks + 1):
+                layers = [self._resblock(ch + skip_channels.pop(), emb_dim, mult * self.model_channels)]
+                ch = mult * self.model_channels
+                if ds in self.attention_resolutions:
+                    layers.append(self._transformer(ch, self.disable_self_attentions[level]))
+                if level and i == self.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                blocks.append(TimestepEmbedSequential(*layers))
+        return blocks
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if y is not None:
+            raise ValueError("UNetModel: class labels `y` need num_classes, which is not supported")
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))  # (B, 4*mc)
+        skips, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, H, W)
+        return self.out(h)
+
+
+def _reject_unsupported(**params: tuple) -> None:
+    """Raise for params set to something other than their only supported value."""
+    for name, (value, supported) in params.items():
+        if value != supported:
+            raise NotImplementedError(
+                f"UNetModel: {name}={value!r} is not supported (only {supported!r})"
+            )

@@ -1,0 +1,109 @@
+"""Build objects from `target:` / `params:` configs, as the original Stable Diffusion code does."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+# Config values the original repository uses in place of a `target:` to mean "no model here".
+SENTINELS = ("__is_first_stage__", "__is_unconditional__")
+# Keys allowed beside target/params: the original configs keep the base learning rate there.
+EXTRA_KEYS = {"base_learning_rate"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be turned into an object; the message names the key and the target."""
+
+
+def get_obj_from_str(string: str, reload: bool = False) -> Any:
+    """Import `package.module.Name` and return `Name`."""
+    module_name, _, attr = string.rpartition(".")
+    if not module_name:
+        raise ConfigError(f"target {string!r} is not a dotted path such as 'package.module.Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"target {string!r}: cannot import module {module_name!r} ({err})") from err
+    if reload:
+        module = importlib.reload(module)
+    if not hasattr(module, attr):
+        raise ConfigError(f"target {string!r}: module {module_name!r} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def to_plain(value: Any) -> Any:
+    """OmegaConf containers to plain dicts and lists (interpolations resolved); others unchanged."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def accepted_params(obj: Any) -> set[str] | None:
+    """Keyword names `obj(...)` accepts, following `**kwargs` up a class's bases; None if open."""
+    if not inspect.isclass(obj):
+        return _named(inspect.signature(obj).parameters)
+    names: set[str] = set()
+    for cls in obj.__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters
+        names |= _named(params) - {"self"}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return names
+    return None
+
+
+def _named(params: Mapping[str, inspect.Parameter]) -> set[str]:
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {name for name, p in params.items() if p.kind not in variadic}
+
+
+def check_params(target: str, obj: Any, params: Mapping[str, Any]) -> None:
+    """Raise a ConfigError naming `target` and each key that `obj`'s constructor does not accept."""
+    try:
+        accepted = accepted_params(obj)
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: let the call itself decide
+    unknown = sorted(set(params) - accepted) if accepted is not None else []
+    if unknown:
+        raise ConfigError(
+            f"target {target!r} does not accept params {unknown}; it accepts: {sorted(accepted)}"
+        )
+    missing = [
+        name
+        for name, p in signature.parameters.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and name not in params
+    ]
+    if missing:
+        raise ConfigError(f"target {target!r} needs params {missing}, which the config lacks")
+
+
+def instantiate_from_config(config: Any) -> Any:
+    """Return `target(**params)` for a `{target, params}` config; None for the SD sentinels."""
+    if isinstance(config, str) and config in SENTINELS:
+        return None
+    config = to_plain(config)
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"expected a mapping with a 'target' key, got {config!r}")
+    if "target" not in config:
+        raise ConfigError(f"config has no 'target' key (keys: {sorted(config)})")
+    unknown = sorted(set(config) - {"target", "params"} - EXTRA_KEYS)
+    if unknown:
+        raise ConfigError(f"target {config['target']!r}: unexpected keys {unknown} beside 'params'")
+    target = config["target"]
+    params = config.get("params") or {}
+    obj = get_obj_from_str(target)
+    check_params(target, obj, params)
+    return obj(**params)
+
+
+def count_params(model: Any) -> int:
+    """Number of parameters of an nn.Module."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,40 @@
+"""Shared test helpers: config loading, reference key manifests, diffusers conversions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+# The reference manifests were recorded with transformers 5, whose CLIPTextModel has no
+# `text_model.` level; original SD v1 files (and diffusers, ComfyUI, A1111) have it.
+CLIP_PREFIX, CLIP_PREFIX_ORIGINAL = "cond_stage_model.transformer.", "cond_stage_model.transformer.text_model."
+
+
+def load_config(relative: str):
+    """An OmegaConf config from configs/."""
+    return OmegaConf.load(ROOT / "configs" / relative)
+
+
+def sd_manifest(version: str) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of the original SD v1 or v2 LatentDiffusion state dict (use_ema off)."""
+    raw = json.loads((FIXTURES / f"sd-{version}-state-dict.json").read_text())
+    return {
+        (CLIP_PREFIX_ORIGINAL + k[len(CLIP_PREFIX) :] if k.startswith(CLIP_PREFIX) else k): tuple(v)
+        for k, v in raw.items()
+    }
+
+
+def diffusers_original_config(model_config) -> dict:
+    """The `original_config` dict diffusers' single-file converters read."""
+    return {"model": OmegaConf.to_container(model_config, resolve=True)}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
