@@ -14,8 +14,7 @@ from torch import nn
 
 # Keys that original SD files carry and current libraries no longer keep in their state dicts.
 LEGACY_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
-# Scalars of LitEma that are buffers, not parameter copies.
-EMA_SCALARS = ("model_ema.decay", "model_ema.num_updates")
+EMA_PREFIX = "model_ema."
 
 
 class CheckpointError(RuntimeError):
@@ -23,7 +22,7 @@ class CheckpointError(RuntimeError):
 
 
 def read_state_dict(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict:
-    """Load the flat tensor dict of a .safetensors or .ckpt/.pt file (its "state_dict" if nested)."""
+    """The flat tensor dict of a .safetensors or .ckpt file (its "state_dict" when nested)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
@@ -78,21 +77,33 @@ def load_weights(
     """Load a file or state dict into a fully built `module`; report bad keys by name.
 
     Shape mismatches are always an error. With `strict`, missing and unexpected keys are too;
-    otherwise they are returned as (missing, unexpected). Legacy keys that original SD files
-    carry (see LEGACY_KEYS) are dropped quietly.
+    otherwise they are returned as (missing, unexpected). Keys the original files carry that
+    the module has no place for are dropped quietly: LEGACY_KEYS, and the `model_ema.*` copy
+    when the module keeps no EMA.
     """
     name = str(source) if not isinstance(source, Mapping) else "state dict"
-    state_dict = source if isinstance(source, Mapping) else read_state_dict(source, unsafe_pickle=unsafe_pickle)
+    state_dict = (
+        source
+        if isinstance(source, Mapping)
+        else read_state_dict(source, unsafe_pickle=unsafe_pickle)
+    )
     state_dict = filter_keys(state_dict, ignore_keys)
     expected = module.state_dict()
-    state_dict = {k: v for k, v in state_dict.items() if k in expected or k not in LEGACY_KEYS}
+    has_ema = any(k.startswith(EMA_PREFIX) for k in expected)
+    state_dict = {
+        k: v
+        for k, v in state_dict.items()
+        if k in expected or not (k in LEGACY_KEYS or (k.startswith(EMA_PREFIX) and not has_ema))
+    }
     missing, unexpected, wrong_shape = describe_mismatch(module, state_dict)
     problems = [_listing("wrong shape", wrong_shape)] if wrong_shape else []
     if strict:
         problems += [_listing("missing", missing)] if missing else []
         problems += [_listing("unexpected", unexpected)] if unexpected else []
     if problems:
-        raise CheckpointError(f"{name} does not fit {type(module).__name__}: " + "; ".join(problems))
+        raise CheckpointError(
+            f"{name} does not fit {type(module).__name__}: " + "; ".join(problems)
+        )
     module.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
     return missing, unexpected
 

@@ -1,4 +1,4 @@
-"""Learning-rate multipliers for `torch.optim.lr_scheduler.LambdaLR`, as the original configs name them.
+"""Learning-rate factors for `torch.optim.lr_scheduler.LambdaLR`, named as the original configs.
 
 Each scheduler is a callable `schedule(step) -> factor` over cycles; each cycle warms up linearly
 from `f_start` to `f_max` over `warm_up_steps`, then decays towards `f_min` until the cycle ends.

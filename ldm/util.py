@@ -27,7 +27,9 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        raise ConfigError(f"target {string!r}: cannot import module {module_name!r} ({err})") from err
+        raise ConfigError(
+            f"target {string!r}: cannot import module {module_name!r} ({err})"
+        ) from err
     if reload:
         module = importlib.reload(module)
     if not hasattr(module, attr):

@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 # The reference manifests were recorded with transformers 5, whose CLIPTextModel has no
 # `text_model.` level; original SD v1 files (and diffusers, ComfyUI, A1111) have it.
-CLIP_PREFIX, CLIP_PREFIX_ORIGINAL = "cond_stage_model.transformer.", "cond_stage_model.transformer.text_model."
+CLIP_PREFIX, CLIP_PREFIX_ORIGINAL = (
+    "cond_stage_model.transformer.",
+    "cond_stage_model.transformer.text_model.",
+)
 
 
 def load_config(relative: str):

@@ -33,7 +33,9 @@ def randomize(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-@pytest.mark.parametrize("version,config", [("v1", "v1-inference.yaml"), ("v2", "v2-inference.yaml")])
+@pytest.mark.parametrize(
+    "version,config", [("v1", "v1-inference.yaml"), ("v2", "v2-inference.yaml")]
+)
 def test_full_size_unet_keys_match_sd(version, config):
     unet_config = load_config(f"stable-diffusion/{config}").model.params.unet_config
     with torch.device("meta"):
@@ -80,7 +82,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         unet = randomize(instantiate_from_config(params))
         unet(x, t, context=context).square().mean().backward()
         grads.append([p.grad for p in unet.parameters()])
-    for plain, checkpointed in zip(*grads):
+    for plain, checkpointed in zip(*grads, strict=True):
         torch.testing.assert_close(plain, checkpointed)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 
 class LitEma(nn.Module):
-    """EMA shadow of `model`'s trainable parameters; warm-up decay (1 + n) / (10 + n) as the original."""
+    """EMA of `model`'s trainable parameters, with the original warm-up (1 + n) / (10 + n)."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_updates: bool = True):
         super().__init__()
@@ -42,20 +42,22 @@ class LitEma(nn.Module):
             n = self.num_updates.item()
             decay = min(decay, (1 + n) / (10 + n))
         params, shadows = self._pairs(model)
-        torch._foreach_lerp_(shadows, [p.to(s.dtype) for p, s in zip(params, shadows)], 1 - decay)
+        torch._foreach_lerp_(
+            shadows, [p.to(s.dtype) for p, s in zip(params, shadows, strict=True)], 1 - decay
+        )
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Write the shadow weights into `model`."""
         params, shadows = self._pairs(model)
-        for p, s in zip(params, shadows):
+        for p, s in zip(params, shadows, strict=True):
             p.copy_(s)
 
     @torch.no_grad()
     def reset_from(self, model: nn.Module) -> None:
         """Set the shadow weights to `model`'s and restart the warm-up."""
         params, shadows = self._pairs(model)
-        for p, s in zip(params, shadows):
+        for p, s in zip(params, shadows, strict=True):
             s.copy_(p)
         self.num_updates.clamp_(max=0)
 
@@ -66,6 +68,6 @@ class LitEma(nn.Module):
     @torch.no_grad()
     def restore(self, parameters) -> None:
         """Put back the parameters saved by `store`."""
-        for saved, p in zip(self.collected_params, parameters):
+        for saved, p in zip(self.collected_params, parameters, strict=True):
             p.copy_(saved)
         self.collected_params = []

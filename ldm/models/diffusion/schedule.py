@@ -55,7 +55,9 @@ def schedule_buffers(betas: torch.Tensor, v_posterior: float = 0.0) -> dict[str,
         "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
         "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(),
         "posterior_variance": posterior_variance,  # Ho et al. 2020, eq. 7
-        "posterior_log_variance_clipped": posterior_variance.clamp(min=POSTERIOR_VARIANCE_FLOOR).log(),
+        "posterior_log_variance_clipped": posterior_variance.clamp(
+            min=POSTERIOR_VARIANCE_FLOOR
+        ).log(),
         "posterior_mean_coef1": betas * ac_prev.sqrt() / (1 - ac),
         "posterior_mean_coef2": (1 - ac_prev) * alphas.sqrt() / (1 - ac),
     }

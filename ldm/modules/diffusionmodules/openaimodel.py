@@ -64,7 +64,7 @@ class Upsample(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Residual block with the time embedding added (or used as scale/shift) after the first conv."""
+    """Residual block; the time embedding is added (or scales and shifts) after the first conv."""
 
     def __init__(
         self,
@@ -182,7 +182,9 @@ class UNetModel(nn.Module):
         )
 
     def _resblock(self, ch: int, emb_dim: int, out_ch: int) -> ResBlock:
-        return ResBlock(ch, emb_dim, out_channels=out_ch, **self.block_kwargs, **self.resblock_kwargs)
+        return ResBlock(
+            ch, emb_dim, out_channels=out_ch, **self.block_kwargs, **self.resblock_kwargs
+        )
 
     def _transformer(self, ch: int, disable_self_attn: bool) -> SpatialTransformer:
         kw = self.attn_kwargs
@@ -225,7 +227,9 @@ class UNetModel(nn.Module):
         ds = 2 ** (len(self.channel_mult) - 1)
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
-                layers = [self._resblock(ch + skip_channels.pop(), emb_dim, mult * self.model_channels)]
+                layers = [
+                    self._resblock(ch + skip_channels.pop(), emb_dim, mult * self.model_channels)
+                ]
                 ch = mult * self.model_channels
                 if ds in self.attention_resolutions:
                     layers.append(self._transformer(ch, self.disable_self_attentions[level]))

@@ -1,0 +1,369 @@
+"""Frozen CLIP text encoders that turn prompts into the UNet's cross-attention `context`.
+
+`FrozenCLIPEmbedder` is SD 1.x's encoder (OpenAI CLIP ViT-L/14 text tower on transformers,
+Radford et al. 2021, https://arxiv.org/abs/2103.00020); `FrozenOpenCLIPEmbedder` is SD 2.x's
+(OpenCLIP ViT-H/14, Cherti et al. 2022, https://arxiv.org/abs/2212.07143). Both are built with
+random weights and never download anything: the weights come from the SD checkpoint, whose key
+layout (`cond_stage_model.transformer.text_model.*`, `cond_stage_model.model.*`) they keep.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import open_clip
+import torch
+from open_clip.transformer import QuickGELU, TextTransformer
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ldm.checkpoint import load_weights, read_state_dict
+from ldm.modules.encoders.tokenizer import (
+    MAX_LENGTH,
+    VOCAB_SIZE,
+    find_tokenizer_dir,
+    load_tokenizer,
+    tokenize,
+)
+
+DEVICE_REASON = (
+    "ignored: Lightning / .to() move the module, and tokens follow its parameters' device"
+)
+OPENCLIP_VERSION_REASON = (
+    "names the open_clip pretrained tag the SD 2.x weights started from; the weights come from "
+    "the SD checkpoint (a path to an open_clip weights file is loaded, though)"
+)
+# Constructor params kept for config compatibility only, with the reason each is not used.
+COMPAT_PARAMS = {
+    "device": DEVICE_REASON,
+    "version": f"FrozenOpenCLIPEmbedder only: {OPENCLIP_VERSION_REASON}",
+}
+
+# Text-tower sizes shared by every built-in CLIP: the CLIP BPE vocabulary and 77 positions.
+# bos/eos/pad ids are those of HF's openai config: eos_token_id=2 makes the pooled output take
+# the argmax of the ids, i.e. the first EOS (49407, the largest id).
+CLIP_SHARED = dict(
+    vocab_size=VOCAB_SIZE,
+    max_position_embeddings=MAX_LENGTH,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+CLIP_CONFIGS = {
+    "openai/clip-vit-large-patch14": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        projection_dim=768,
+    ),
+    "ldm/clip-tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
+    ),
+}
+CLIP_LAYERS = ("last", "pooled", "hidden", "penultimate")
+
+# open_clip model configs we add to those open_clip ships (`open_clip.list_models()`).
+OPENCLIP_CONFIGS = {
+    "ldm/openclip-tiny": {
+        "embed_dim": 32,
+        "text_cfg": {
+            "context_length": MAX_LENGTH,
+            "vocab_size": VOCAB_SIZE,
+            "width": 32,
+            "heads": 4,
+            "layers": 2,
+        },
+    },
+}
+OPENCLIP_TEXT_KEYS = {
+    "context_length",
+    "vocab_size",
+    "width",
+    "heads",
+    "layers",
+    "mlp_ratio",
+    "ls_init_value",
+}
+OPENCLIP_TOP_KEYS = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"}
+# Blocks to skip at the end of the tower (the SD 2 repository's `layer_idx`).
+OPENCLIP_LAYERS = {"last": 0, "penultimate": 1}
+INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature; SD checkpoints overwrite it
+
+
+def warn_device(cls_name: str, device: str | torch.device | None) -> None:
+    """Warn that `device` is a compat param when a config sets it."""
+    if device is not None:
+        warnings.warn(
+            f"{cls_name}: device={device!r} is ignored ({DEVICE_REASON}); move the module with "
+            ".to(device) instead.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+class FrozenEncoder(nn.Module):
+    """Base of the text encoders: `freeze()` and a `train()` that keeps a frozen encoder in eval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = False
+
+    def freeze(self) -> None:
+        """Eval mode for good, and no gradients for any parameter."""
+        self.frozen = True
+        self.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        """As nn.Module.train, except that a frozen encoder stays in eval mode."""
+        return super().train(mode and not self.frozen)
+
+    def encode(self, text: str | list[str]) -> torch.Tensor:
+        """The original API's name for forward."""
+        return self(text)
+
+
+class TextModelWrapper(nn.Module):
+    """Holds a flat `CLIPTextModel` (transformers >= 5.6) as `text_model`, as SD v1 files expect."""
+
+    def __init__(self, text_model: CLIPTextModel) -> None:
+        super().__init__()
+        self.text_model = text_model
+
+    def forward(self, **kwargs):
+        return self.text_model(**kwargs)
+
+
+def wrap_text_model(model: CLIPTextModel) -> nn.Module:
+    """A module whose keys start `text_model.`; older transformers already nest it that way."""
+    return model if hasattr(model, "text_model") else TextModelWrapper(model)
+
+
+def make_clip_text_model(version: str) -> tuple[CLIPTextModel, str | None]:
+    """(random-weight or locally saved CLIPTextModel, directory to read a tokenizer from)."""
+    if version in CLIP_CONFIGS:
+        return CLIPTextModel(CLIPTextConfig(**CLIP_SHARED, **CLIP_CONFIGS[version])), None
+    if os.path.isdir(version):
+        model = CLIPTextModel.from_pretrained(version, local_files_only=True)
+        return model, find_tokenizer_dir(version)
+    raise ValueError(
+        f"FrozenCLIPEmbedder: version={version!r} is neither a built-in name nor a local "
+        f"directory. Pass a built-in name ({', '.join(CLIP_CONFIGS)}; random weights that the SD "
+        "checkpoint fills) or a local directory holding a transformers CLIPTextModel saved "
+        "with save_pretrained (config.json + weights). Nothing is downloaded from a hub."
+    )
+
+
+def resolve_clip_layer(
+    layer: str, layer_idx: int | None, num_layers: int
+) -> tuple[str, int | None]:
+    """Validate `layer` / `layer_idx`; "penultimate" means hidden with layer_idx=-2."""
+    if layer not in CLIP_LAYERS:
+        raise ValueError(f"FrozenCLIPEmbedder: layer={layer!r}; pass one of {CLIP_LAYERS}")
+    if layer == "penultimate":
+        if layer_idx not in (None, -2):
+            raise ValueError(
+                f"FrozenCLIPEmbedder: layer='penultimate' means layer_idx=-2, got {layer_idx}; "
+                "pass layer='hidden' to pick another layer_idx"
+            )
+        return "hidden", -2
+    if layer != "hidden":
+        return layer, None
+    # hidden_states holds the embeddings' output and then one entry per layer.
+    if not isinstance(layer_idx, int) or not -(num_layers + 1) <= layer_idx <= num_layers:
+        raise ValueError(
+            f"FrozenCLIPEmbedder: layer='hidden' needs an int layer_idx in "
+            f"[{-(num_layers + 1)}, {num_layers}] (e.g. -2 for the penultimate), got {layer_idx!r}"
+        )
+    return layer, layer_idx
+
+
+class FrozenCLIPEmbedder(FrozenEncoder):
+    """SD 1.x text encoder: CLIP ViT-L/14 text tower (transformers) → context `(B, 77, 768)`.
+
+    Args:
+        version: a built-in name (`openai/clip-vit-large-patch14`, `ldm/clip-tiny`; random
+            weights) or a local directory with a saved `CLIPTextModel` (and maybe a tokenizer).
+        layer: "last" (last_hidden_state, final LayerNorm applied), "pooled" (`(B, 1, D)`),
+            "hidden" (`hidden_states[layer_idx]`, no final LayerNorm) or "penultimate"
+            (hidden with layer_idx=-2).
+    """
+
+    COMPAT_PARAMS = {"device": DEVICE_REASON}
+
+    def __init__(
+        self,
+        version: str = "openai/clip-vit-large-patch14",
+        device: str | torch.device | None = None,
+        max_length: int = MAX_LENGTH,
+        freeze: bool = True,
+        layer: str = "last",
+        layer_idx: int | None = None,
+    ) -> None:
+        super().__init__()
+        warn_device(type(self).__name__, device)
+        text_model, self.tokenizer_dir = make_clip_text_model(version)
+        config = text_model.config
+        self.layer, self.layer_idx = resolve_clip_layer(layer, layer_idx, config.num_hidden_layers)
+        if not 0 < max_length <= config.max_position_embeddings:
+            raise ValueError(
+                f"FrozenCLIPEmbedder: max_length={max_length}; pass at most "
+                f"{config.max_position_embeddings} (the model's position embeddings)"
+            )
+        self.max_length = max_length
+        self.transformer = wrap_text_model(text_model)
+        if freeze:
+            self.freeze()
+
+    @property
+    def tokenizer(self):
+        """The HF tokenizer (cached per process); call `tokenize` to get cleaned, padded ids."""
+        return load_tokenizer(self.tokenizer_dir)
+
+    def tokenize(self, text: str | list[str]) -> torch.Tensor:
+        """Token ids `(B, max_length)` on the CPU: BOS, prompt, EOS, padded with EOS."""
+        return tokenize(self.tokenizer, text, self.max_length)
+
+    def forward(self, text: str | list[str]) -> torch.Tensor:
+        device = self.transformer.text_model.embeddings.token_embedding.weight.device
+        tokens = self.tokenize(text).to(device)  # (B, 77)
+        out = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
+        if self.layer == "last":
+            return out.last_hidden_state  # (B, 77, D)
+        if self.layer == "pooled":
+            return out.pooler_output[:, None, :]  # (B, 1, D)
+        return out.hidden_states[self.layer_idx]  # (B, 77, D)
+
+
+def openclip_model_config(arch: str) -> dict:
+    """The open_clip model config named `arch` (built-in tiny ones first), checked for support."""
+    config = OPENCLIP_CONFIGS.get(arch) or open_clip.get_model_config(arch)
+    if config is None:
+        raise ValueError(
+            f"FrozenOpenCLIPEmbedder: arch={arch!r} is unknown; pass ViT-H-14 (SD 2.x), "
+            f"{', '.join(OPENCLIP_CONFIGS)}, or another name from open_clip.list_models()"
+        )
+    unsupported = sorted(set(config) - OPENCLIP_TOP_KEYS)
+    unsupported += sorted(set(config["text_cfg"]) - OPENCLIP_TEXT_KEYS)
+    if unsupported:
+        raise ValueError(
+            f"FrozenOpenCLIPEmbedder: arch={arch!r} sets {unsupported}, which this plain text "
+            "tower does not support; pass an arch whose text_cfg uses only "
+            f"{sorted(OPENCLIP_TEXT_KEYS)}"
+        )
+    return config
+
+
+def make_openclip_text(config: dict) -> TextTransformer:
+    """open_clip's text tower plus `logit_scale`: the keys of a CLIP model with no visual tower."""
+    text_cfg = config["text_cfg"]
+    model = TextTransformer(
+        **text_cfg,
+        output_dim=config["embed_dim"],
+        act_layer=QuickGELU if config.get("quick_gelu", False) else nn.GELU,
+    )
+    model.logit_scale = nn.Parameter(torch.full((), INIT_LOGIT_SCALE))
+    return model
+
+
+def causal_mask(n: int, like: torch.Tensor) -> torch.Tensor:
+    """Additive mask `(n, n)`: -inf above the diagonal, so token i sees tokens ≤ i."""
+    return torch.full((n, n), float("-inf"), dtype=like.dtype, device=like.device).triu(1)
+
+
+def is_weights_path(version: str) -> bool:
+    """Whether `version` names a file rather than an open_clip pretrained tag."""
+    return os.sep in version or "/" in version or version.endswith((".bin", ".pt", ".safetensors"))
+
+
+class FrozenOpenCLIPEmbedder(FrozenEncoder):
+    """SD 2.x text encoder: OpenCLIP ViT-H/14 text tower → context `(B, 77, 1024)`.
+
+    Args:
+        arch: an open_clip model config name (ViT-H-14 for SD 2.x) or `ldm/openclip-tiny`.
+        version: the pretrained tag (compat only; see COMPAT_PARAMS) or a path to an open_clip
+            weights file, whose text-tower keys are loaded.
+        layer: "last" or "penultimate" (stop one block early); ln_final is applied to both.
+    """
+
+    COMPAT_PARAMS = {"device": DEVICE_REASON, "version": OPENCLIP_VERSION_REASON}
+
+    def __init__(
+        self,
+        arch: str = "ViT-H-14",
+        version: str = "laion2b_s32b_b79k",
+        device: str | torch.device | None = None,
+        max_length: int = MAX_LENGTH,
+        freeze: bool = True,
+        layer: str = "last",
+    ) -> None:
+        super().__init__()
+        warn_device(type(self).__name__, device)
+        if layer not in OPENCLIP_LAYERS:
+            raise ValueError(
+                f"FrozenOpenCLIPEmbedder: layer={layer!r}; pass one of {tuple(OPENCLIP_LAYERS)}"
+            )
+        config = openclip_model_config(arch)
+        context_length = config["text_cfg"].get("context_length", MAX_LENGTH)
+        if not 0 < max_length <= context_length:
+            raise ValueError(
+                f"FrozenOpenCLIPEmbedder: max_length={max_length}; pass at most {context_length} "
+                f"(arch {arch!r}'s context length)"
+            )
+        self.layer, self.layer_idx, self.max_length = layer, OPENCLIP_LAYERS[layer], max_length
+        self.model = make_openclip_text(config)
+        if is_weights_path(version):
+            self.load_openclip_weights(version)
+        if freeze:
+            self.freeze()
+
+    def load_openclip_weights(self, path: str) -> None:
+        """Load the text-tower keys of an open_clip CLIP weights file; drop its visual tower."""
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"FrozenOpenCLIPEmbedder: version={path!r} looks like a path but is not a file; "
+                "pass an open_clip pretrained tag (e.g. 'laion2b_s32b_b79k') or an existing "
+                "open_clip weights file"
+            )
+        state_dict = {k: v for k, v in read_state_dict(path).items() if not k.startswith("visual.")}
+        load_weights(self.model, state_dict)
+
+    def tokenize(self, text: str | list[str]) -> torch.Tensor:
+        """open_clip token ids `(B, max_length)`: BOS, prompt, EOS, padded with 0."""
+        prompts = [text] if isinstance(text, str) else list(text)
+        return open_clip.tokenize(prompts, context_length=self.max_length)
+
+    def forward(self, text: str | list[str]) -> torch.Tensor:
+        tokens = self.tokenize(text).to(self.model.positional_embedding.device)
+        return self.encode_with_transformer(tokens)
+
+    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids `(B, L)` → token features `(B, L, width)` after ln_final."""
+        n = tokens.shape[1]
+        x = self.model.token_embedding(tokens) + self.model.positional_embedding[:n]  # (B, L, D)
+        x = self.text_transformer_forward(x, attn_mask=causal_mask(n, x))
+        return self.model.ln_final(x)
+
+    def text_transformer_forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run the residual blocks on `(B, L, D)`, skipping the last `layer_idx` of them."""
+        transformer = self.model.transformer
+        # open_clip >= 2.2x runs batch first; older releases expect (L, B, D).
+        batch_first = getattr(transformer, "batch_first", False)
+        if not batch_first:
+            x = x.transpose(0, 1)  # (L, B, D)
+        blocks = transformer.resblocks
+        for block in blocks[: len(blocks) - self.layer_idx]:
+            x = block(x, attn_mask=attn_mask)
+        return x if batch_first else x.transpose(0, 1)  # (B, L, D)

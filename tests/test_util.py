@@ -1,0 +1,96 @@
+"""instantiate_from_config: original semantics and errors that name the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.lr_scheduler import LambdaLinearScheduler, LambdaWarmUpCosineScheduler2
+from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
+
+
+def test_builds_target_with_params_from_omegaconf():
+    config = OmegaConf.create(
+        {"target": "torch.nn.Linear", "params": {"in_features": 3, "out_features": 2}}
+    )
+    layer = instantiate_from_config(config)
+    assert isinstance(layer, torch.nn.Linear) and layer.weight.shape == (2, 3)
+
+
+def test_sentinels_give_none():
+    assert instantiate_from_config("__is_first_stage__") is None
+    assert instantiate_from_config("__is_unconditional__") is None
+
+
+def test_base_learning_rate_may_sit_beside_target():
+    config = {"target": "torch.nn.Identity", "base_learning_rate": 1e-4}
+    assert isinstance(instantiate_from_config(config), torch.nn.Identity)
+
+
+def test_get_obj_from_str():
+    assert get_obj_from_str("torch.nn.Linear") is torch.nn.Linear
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"params": {"a": 1}}, "no 'target' key"),
+        ({"target": "ldm.nothing_here.Model"}, "cannot import module 'ldm.nothing_here'"),
+        ({"target": "torch.nn.NoSuchLayer"}, "has no attribute 'NoSuchLayer'"),
+        ({"target": "Linear"}, "not a dotted path"),
+        (
+            {
+                "target": "torch.nn.Linear",
+                "params": {"in_features": 1, "out_features": 1, "bais": 1},
+            },
+            r"'torch.nn.Linear' does not accept params \['bais'\]",
+        ),
+        (
+            {"target": "torch.nn.Linear", "params": {"in_features": 1}},
+            r"needs params \['out_features'\]",
+        ),
+        ({"target": "torch.nn.Identity", "parms": {}}, r"unexpected keys \['parms'\]"),
+        (["not", "a", "mapping"], "expected a mapping"),
+    ],
+)
+def test_bad_configs_name_the_problem(config, message):
+    with pytest.raises(ConfigError, match=message):
+        instantiate_from_config(config)
+
+
+def test_unknown_param_of_a_subclass_is_caught_through_kwargs():
+    """LatentDiffusion passes **kwargs on to DDPM; a typo must still be named up front."""
+    config = OmegaConf.load("configs/tiny/txt2img.yaml").model
+    config.params.linear_strat = 0.001
+    with pytest.raises(
+        ConfigError, match=r"LatentDiffusion' does not accept params \['linear_strat'\]"
+    ):
+        instantiate_from_config(config)
+
+
+def test_lambda_linear_scheduler_warms_up_then_decays_per_cycle():
+    schedule = LambdaLinearScheduler(
+        warm_up_steps=[10, 0], f_start=[0.0, 1.0], f_max=[1.0, 1.0], f_min=[0.5, 0.0],
+        cycle_lengths=[100, 50],
+    )  # fmt: skip
+    assert schedule(0) == 0.0
+    assert schedule(5) == pytest.approx(0.5)
+    assert schedule(10) == pytest.approx(0.5 + 0.5 * 90 / 100)
+    assert schedule(100) == pytest.approx(0.5)
+    assert schedule(125) == pytest.approx(0.5)  # second cycle: 25 of 50 steps, linear 1 -> 0
+
+
+def test_cosine_scheduler_reaches_f_min_at_cycle_end():
+    schedule = LambdaWarmUpCosineScheduler2(
+        warm_up_steps=[10], f_start=[0.0], f_max=[1.0], f_min=[0.1], cycle_lengths=[110]
+    )
+    assert schedule(10) == pytest.approx(1.0)
+    assert schedule(120) == pytest.approx(0.1)
+
+
+def test_scheduler_rejects_mismatched_cycle_lists():
+    with pytest.raises(ValueError, match="one entry per cycle"):
+        LambdaLinearScheduler(
+            warm_up_steps=[1, 2], f_start=[0], f_max=[1], f_min=[1], cycle_lengths=[5]
+        )
