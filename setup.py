@@ -21,5 +21,5 @@ setup(
         "Pillow",
         "numpy",
     ],
-    extras_require={"test": ["pytest", "diffusers>=0.35", "ruff"]},
+    extras_require={"test": ["pytest", "diffusers>=0.35", "lpips", "ruff"]},
 )

@@ -1,0 +1,139 @@
+"""AutoencoderKL: the SD first stage, as a LightningModule that can also be trained.
+
+Rombach et al. 2022, sec. 3.1 and appendix G: a KL-regularised autoencoder trained with
+L1 + LPIPS reconstruction and a patch discriminator (`ldm.modules.losses`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import pytorch_lightning as pl
+import torch
+from einops import rearrange
+from torch import nn
+
+from ldm.checkpoint import load_weights
+from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+COMPAT_PARAMS = {}
+# The SD autoencoder's base learning rate; main.py overrides it from the config.
+DEFAULT_LEARNING_RATE = 4.5e-6
+# Adam betas of the original autoencoder training (GAN practice).
+ADAM_BETAS = (0.5, 0.9)
+
+
+class AutoencoderKL(pl.LightningModule):
+    """`encode(x) -> posterior`, `decode(z) -> image`; trains with `lossconfig`'s loss."""
+
+    def __init__(
+        self,
+        ddconfig: Mapping,
+        lossconfig: Mapping,
+        embed_dim: int,
+        ckpt_path: str | None = None,
+        ignore_keys: list[str] = (),
+        image_key: str = "image",
+        colorize_nlabels: int | None = None,
+        monitor: str | None = None,
+    ):
+        super().__init__()
+        if colorize_nlabels is not None:
+            raise NotImplementedError("AutoencoderKL: colorize_nlabels (segmentation maps)")
+        if not ddconfig.get("double_z", True):
+            raise ValueError(
+                "AutoencoderKL: ddconfig.double_z must be true (mean and log-variance)"
+            )
+        self.automatic_optimization = False  # one step updates the autoencoder and the critic
+        self.image_key, self.monitor, self.embed_dim = image_key, monitor, embed_dim
+        self.learning_rate = DEFAULT_LEARNING_RATE
+        self.encoder = Encoder(**ddconfig)
+        self.decoder = Decoder(**ddconfig)
+        self.loss = instantiate_from_config(lossconfig)
+        z_channels = ddconfig["z_channels"]
+        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        if ckpt_path is not None:
+            load_weights(self, ckpt_path, ignore_keys=ignore_keys, strict=False)
+            logger.info("AutoencoderKL: loaded %s", ckpt_path)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        """Images (B, 3, H, W) in [-1, 1] to the posterior over latents (B, embed_dim, h, w)."""
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, input: torch.Tensor, sample_posterior: bool = True):
+        posterior = self.encode(input)
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    def get_input(self, batch: Mapping, k: str) -> torch.Tensor:
+        """Images (B, H, W, C) of the batch as float (B, C, H, W)."""
+        x = batch[k]
+        if x.ndim == 3:
+            x = x[..., None]
+        return rearrange(x, "b h w c -> b c h w").contiguous().float()
+
+    def get_last_layer(self) -> torch.Tensor:
+        return self.decoder.conv_out.weight
+
+    def losses(self, batch: Mapping, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(autoencoder loss, discriminator loss, logs) of a batch."""
+        x = self.get_input(batch, self.image_key)
+        reconstructions, posterior = self(x)
+        step, last = self.global_step, self.get_last_layer()
+        ae_loss, logs = self.loss(x, reconstructions, posterior, 0, step, last, split=split)
+        d_loss, d_logs = self.loss(x, reconstructions, posterior, 1, step, split=split)
+        return ae_loss, d_loss, {**logs, **d_logs}
+
+    def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
+        """One optimizer step: the autoencoder's gradients from its loss, the critic's from its.
+
+        The generator term also reaches the discriminator's weights; those gradients are
+        dropped before the critic's own loss adds its gradients, as two optimizers would.
+        """
+        optimizer = self.optimizers()
+        ae_loss, d_loss, logs = self.losses(batch, "train")
+        optimizer.zero_grad()
+        self.manual_backward(ae_loss)
+        for p in self.loss.discriminator.parameters():
+            p.grad = None
+        self.manual_backward(d_loss)
+        optimizer.step()
+        rec_loss = logs.pop("train/rec_loss")
+        self.log_dict(logs, prog_bar=False, on_step=True, batch_size=len(batch[self.image_key]))
+        self.log("train/rec_loss", rec_loss, prog_bar=True, batch_size=len(batch[self.image_key]))
+        return ae_loss.detach()
+
+    @torch.no_grad()
+    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
+        _, _, logs = self.losses(batch, "val")
+        self.log_dict(logs, on_epoch=True, batch_size=len(batch[self.image_key]))
+
+    def configure_optimizers(self):
+        ae_params = [
+            *self.encoder.parameters(), *self.decoder.parameters(),
+            *self.quant_conv.parameters(), *self.post_quant_conv.parameters(),
+        ]  # fmt: skip
+        if not hasattr(self.loss, "discriminator"):
+            raise ValueError(
+                f"AutoencoderKL: lossconfig {type(self.loss).__name__} cannot train; use "
+                "ldm.modules.losses.LPIPSWithDiscriminator (torch.nn.Identity is for inference)"
+            )
+        groups = [{"params": ae_params}, {"params": list(self.loss.discriminator.parameters())}]
+        return torch.optim.Adam(groups, lr=self.learning_rate, betas=ADAM_BETAS)
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping, n: int = 8) -> dict[str, torch.Tensor]:
+        """Inputs, reconstructions and decoded random latents, (n, 3, H, W) in [-1, 1]."""
+        x = self.get_input(batch, self.image_key)[:n].to(self.device)
+        reconstructions, posterior = self(x)
+        samples = self.decode(torch.randn_like(posterior.sample()))
+        return {"inputs": x, "reconstructions": reconstructions, "samples": samples}

@@ -1,0 +1,412 @@
+"""DDPM and LatentDiffusion LightningModules: they wire the UNet, the process and the stages.
+
+The math lives in `schedule.py`; these classes hold the networks, register the schedule
+buffers under their original names (they are part of SD checkpoints) and compute the loss.
+Ho et al. 2020 (DDPM); Rombach et al. 2022 (latent diffusion).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ldm.checkpoint import load_weights
+from ldm.models.diffusion import schedule
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+COMPAT_PARAMS = {
+    "log_every_t": "the original's interval for logging its own sampler's intermediates; "
+    "the samplers take `log_every_t` themselves",
+    "concat_mode": "only picks the default conditioning_key when none is given, as the original",
+}
+CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid")
+LOSSES = {"l2": F.mse_loss, "l1": F.l1_loss}
+# The SD base learning rate; main.py overrides it from the config's base_learning_rate.
+DEFAULT_LEARNING_RATE = 1.0e-4
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as `diffusion_model` (the checkpoint's `model.diffusion_model.` prefix)."""
+
+    def __init__(self, diff_model_config: Mapping, conditioning_key: str | None):
+        super().__init__()
+        if conditioning_key not in CONDITIONING_KEYS:
+            raise ValueError(f"conditioning_key {conditioning_key!r}; expected {CONDITIONING_KEYS}")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x, t, c_concat: list | None = None, c_crossattn: list | None = None):
+        if self.conditioning_key in ("concat", "hybrid"):
+            x = torch.cat([x, *c_concat], dim=1)  # (B, C + C_cond, H, W)
+        context = None
+        if self.conditioning_key in ("crossattn", "hybrid"):
+            context = torch.cat(c_crossattn, dim=1)  # (B, L, D)
+        return self.diffusion_model(x, t, context=context)
+
+
+# Caption keys that stand in for each other: SD's configs say `txt`, our data sets `caption`.
+KEY_ALIASES = {"txt": "caption", "caption": "txt"}
+# Seeds the fixed noise of validation and test losses, so runs compare across resumes.
+EVAL_SEED = 1234
+
+
+def batch_item(batch: Mapping, key: str) -> object:
+    """`batch[key]` (or its alias), or an error naming the key and the keys the batch has."""
+    if key not in batch and KEY_ALIASES.get(key) in batch:
+        key = KEY_ALIASES[key]
+    if key not in batch:
+        raise KeyError(f"batch has no {key!r} entry (it has {sorted(batch)}); check the data keys")
+    return batch[key]
+
+
+class DDPM(pl.LightningModule):
+    """Diffusion on pixels: `p_losses` trains the UNet to predict eps, x0 or v."""
+
+    def __init__(
+        self,
+        unet_config: Mapping,
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        loss_type: str = "l2",
+        ckpt_path: str | None = None,
+        ignore_keys: list[str] = (),
+        load_only_unet: bool = False,
+        monitor: str | None = "val/loss",
+        use_ema: bool = True,
+        first_stage_key: str = "image",
+        image_size: int = 256,
+        channels: int = 3,
+        log_every_t: int = 100,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+        given_betas: list[float] | None = None,
+        original_elbo_weight: float = 0.0,
+        v_posterior: float = 0.0,
+        l_simple_weight: float = 1.0,
+        conditioning_key: str | None = None,
+        parameterization: str = "eps",
+        scheduler_config: Mapping | None = None,
+        learn_logvar: bool = False,
+        logvar_init: float = 0.0,
+    ):
+        super().__init__()
+        if parameterization not in schedule.PARAMETERIZATIONS:
+            expected = schedule.PARAMETERIZATIONS
+            raise ValueError(f"parameterization {parameterization!r}; expected one of {expected}")
+        if loss_type not in LOSSES:
+            raise ValueError(f"loss_type {loss_type!r}; expected one of {sorted(LOSSES)}")
+        self.parameterization, self.loss_type = parameterization, loss_type
+        self.first_stage_key, self.image_size, self.channels = first_stage_key, image_size, channels
+        self.monitor, self.scheduler_config = monitor, scheduler_config
+        self.l_simple_weight, self.original_elbo_weight = l_simple_weight, original_elbo_weight
+        self.learning_rate = DEFAULT_LEARNING_RATE
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model)
+        betas = (
+            torch.tensor(given_betas, dtype=torch.float64)
+            if given_betas is not None
+            else schedule.make_beta_schedule(
+                beta_schedule, timesteps, linear_start, linear_end, cosine_s
+            )
+        )
+        self.register_schedule(betas, v_posterior)
+        logvar = torch.full((self.num_timesteps,), float(logvar_init))
+        self.learn_logvar = learn_logvar
+        if learn_logvar:
+            self.logvar = nn.Parameter(logvar)
+        else:
+            self.register_buffer("logvar", logvar, persistent=False)
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys, load_only_unet)
+
+    def register_schedule(self, betas: torch.Tensor, v_posterior: float = 0.0) -> None:
+        """Register the schedule buffers (original names, float32) computed from float64 betas."""
+        self.num_timesteps = len(betas)
+        for name, value in schedule.schedule_buffers(betas, v_posterior).items():
+            self.register_buffer(name, value.float())
+        weights = schedule.vlb_weights(betas, self.parameterization)
+        self.register_buffer("lvlb_weights", weights, persistent=False)
+
+    def init_from_ckpt(self, path: str, ignore_keys=(), only_model: bool = False) -> None:
+        """Load weights into the fully built model; EMA restarts from them if the file has none."""
+        target = self.model if only_model else self
+        missing, unexpected = load_weights(target, path, ignore_keys=ignore_keys, strict=False)
+        if self.use_ema and any(k.startswith("model_ema.") for k in missing):
+            self.model_ema.reset_from(self.model)
+            missing = [k for k in missing if not k.startswith("model_ema.")]
+            logger.info("%s has no EMA weights; EMA starts from the loaded weights", path)
+        if missing or unexpected:
+            logger.warning(
+                "loaded %s with %d missing keys %s and %d unexpected keys %s",
+                path, len(missing), missing[:10], len(unexpected), unexpected[:10],
+            )  # fmt: skip
+
+    @contextmanager
+    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+        """Swap the EMA weights into the model inside the block, restoring them after."""
+        if not self.use_ema:
+            yield
+            return
+        self.model_ema.store(self.model.parameters())
+        self.model_ema.copy_to(self.model)
+        if context:
+            logger.info("%s: switched to EMA weights", context)
+        try:
+            yield
+        finally:
+            self.model_ema.restore(self.model.parameters())
+
+    def get_input(self, batch: Mapping, key: str) -> torch.Tensor:
+        """Images (B, H, W, C) in [-1, 1] from the batch as float (B, C, H, W)."""
+        x = batch_item(batch, key)
+        if x.ndim == 3:
+            x = x[..., None]
+        return rearrange(x, "b h w c -> b c h w").contiguous().float()
+
+    def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        """The UNet's prediction at (x_t, t); cond: a tensor, a list, or {c_concat, c_crossattn}."""
+        if cond is not None and not isinstance(cond, Mapping):
+            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+            cond = {key: cond if isinstance(cond, list) else [cond]}
+        return self.model(x_t, t, **(cond or {}))
+
+    def p_losses(self, x0, cond, t, noise=None, prefix=None) -> tuple[torch.Tensor, dict]:
+        """The training loss at timesteps t (Ho et al. 2020, eq. 14) and the values to log."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        x_t = schedule.q_sample(x0, t, noise, self.alphas_cumprod)
+        prediction = self.apply_model(x_t, t, cond)
+        target = schedule.training_target(self.parameterization, x0, t, noise, self.alphas_cumprod)
+        loss_simple = LOSSES[self.loss_type](prediction, target, reduction="none")
+        loss_simple = loss_simple.mean(dim=tuple(range(1, x0.ndim)))  # (B,)
+        logvar_t = self.logvar[t]
+        loss = self.l_simple_weight * (loss_simple / logvar_t.exp() + logvar_t).mean()
+        loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
+        loss = loss + self.original_elbo_weight * loss_vlb
+        prefix = prefix or ("train" if self.training else "val")
+        logs = {
+            f"{prefix}/loss_simple": loss_simple.mean(),
+            f"{prefix}/loss_vlb": loss_vlb,
+            f"{prefix}/loss": loss,
+        }
+        if self.learn_logvar:
+            logs["logvar"] = self.logvar.mean()
+        return loss, logs
+
+    def random_timesteps(self, n: int) -> torch.Tensor:
+        """(n,) timesteps drawn uniformly from [0, T)."""
+        return torch.randint(0, self.num_timesteps, (n,), device=self.device)
+
+    def shared_step(self, batch: Mapping, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
+        x0 = self.get_input(batch, self.first_stage_key)
+        return self.p_losses(x0, None, self.random_timesteps(x0.shape[0]), prefix=prefix)
+
+    def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
+        loss, logs = self.shared_step(batch)
+        self.log_dict(logs, prog_bar=True, on_step=True, batch_size=self.batch_size(batch))
+        lr = self.optimizers().param_groups[0]["lr"] if self._trainer is not None else None
+        if lr is not None:
+            self.log("lr_abs", lr, prog_bar=True, on_step=True, batch_size=1)
+        return loss
+
+    @torch.no_grad()
+    def evaluation_loss(self, batch: Mapping, batch_idx: int, prefix: str) -> dict:
+        """Losses with noise and timesteps fixed per batch index, leaving the global RNG alone."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(EVAL_SEED + batch_idx)
+            return self.shared_step(batch, prefix)[1]
+
+    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
+        logs = self.evaluation_loss(batch, batch_idx, "val")
+        if self.use_ema:
+            with self.ema_scope():
+                logs_ema = self.evaluation_loss(batch, batch_idx, "val")
+            logs.update({f"{k}_ema": v for k, v in logs_ema.items()})
+        self.log_dict(logs, on_epoch=True, batch_size=self.batch_size(batch))
+
+    def test_step(self, batch: Mapping, batch_idx: int) -> None:
+        with self.ema_scope():
+            logs = self.evaluation_loss(batch, batch_idx, "test")
+        self.log_dict(logs, on_epoch=True, batch_size=self.batch_size(batch))
+
+    def batch_size(self, batch: Mapping) -> int:
+        return len(batch_item(batch, self.first_stage_key))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: the UNet, plus logvar when it is learned."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return params + ([self.logvar] if self.learn_logvar else [])
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        if self.scheduler_config is None:
+            return optimizer
+        lr_lambda = instantiate_from_config(self.scheduler_config).schedule
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_lambda)
+        return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    """`module` in eval mode with gradients off (LatentDiffusion.train keeps it in eval)."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def parse_ucg_training(config: Mapping | None) -> dict[str, dict]:
+    """Validate `ucg_training: {key: {p: 0.1, val: ""}}` (caption dropout, as the original)."""
+    parsed = {}
+    for key, entry in (config or {}).items():
+        p = entry.get("p") if isinstance(entry, Mapping) else None
+        if not isinstance(p, int | float) or not 0 <= p <= 1 or set(entry) - {"p", "val"}:
+            raise ValueError(f"ucg_training.{key}: expected {{p: probability in [0, 1], val: ...}}")
+        parsed[key] = {"p": float(p), "val": entry.get("val") or ""}
+        parsed[KEY_ALIASES.get(key, key)] = parsed[key]
+    return parsed
+
+
+def drop_conditioning(c: list, p: float, val) -> list:
+    """Replace each entry of `c` by `val` with probability p, so the model learns the
+    unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022)."""
+    drop = (torch.rand(len(c)) < p).tolist()
+    return [val if d else item for item, d in zip(c, drop, strict=True)]
+
+
+class LatentDiffusion(DDPM):
+    """Diffusion in the latent space of a frozen autoencoder, conditioned by a text encoder."""
+
+    def __init__(
+        self,
+        first_stage_config: Mapping,
+        cond_stage_config: Mapping | str,
+        num_timesteps_cond: int | None = None,
+        cond_stage_key: str = "image",
+        cond_stage_trainable: bool = False,
+        concat_mode: bool = True,
+        cond_stage_forward: str | None = None,
+        conditioning_key: str | None = None,
+        scale_factor: float = 1.0,
+        scale_by_std: bool = False,
+        ucg_training: Mapping | None = None,
+        ckpt_path: str | None = None,
+        ignore_keys: list[str] = (),
+        load_only_unet: bool = False,
+        **ddpm_params,
+    ):
+        if (num_timesteps_cond or 1) != 1:
+            raise NotImplementedError("LatentDiffusion: num_timesteps_cond > 1 is not supported")
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__":
+            conditioning_key = None
+        super().__init__(conditioning_key=conditioning_key, **ddpm_params)
+        self.cond_stage_key, self.cond_stage_forward = cond_stage_key, cond_stage_forward
+        self.cond_stage_trainable = cond_stage_trainable
+        self.ucg_training = parse_ucg_training(ucg_training)
+        self.scale_by_std = scale_by_std
+        self._rescale_pending = scale_by_std and ckpt_path is None
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        else:
+            self.scale_factor = scale_factor
+        self.first_stage_model = frozen(instantiate_from_config(first_stage_config))
+        self.cond_stage_model = self.make_cond_stage(cond_stage_config)
+        if ckpt_path is not None:  # last, so every module and buffer exists (unlike the original)
+            self.init_from_ckpt(ckpt_path, ignore_keys, load_only_unet)
+
+    def make_cond_stage(self, config: Mapping | str) -> nn.Module | None:
+        if config == "__is_first_stage__":
+            return self.first_stage_model
+        model = instantiate_from_config(config)
+        return model if model is None or self.cond_stage_trainable else frozen(model)
+
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        """Train the UNet; the frozen stages stay in eval mode (no dropout, fixed norms)."""
+        super().train(mode)
+        self.first_stage_model.eval()
+        if self.cond_stage_model is not None and not self.cond_stage_trainable:
+            self.cond_stage_model.eval()
+        return self
+
+    def get_learned_conditioning(self, c):
+        """Encode raw conditioning (e.g. a list of captions) with the condition stage."""
+        model = self.cond_stage_model
+        if self.cond_stage_forward is not None:
+            return getattr(model, self.cond_stage_forward)(c)
+        if callable(getattr(model, "encode", None)):
+            c = model.encode(c)
+            return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
+        return model(c)
+
+    def encode_first_stage(self, x: torch.Tensor):
+        """Images (B, 3, H, W) to the first stage's posterior over latents."""
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, posterior) -> torch.Tensor:
+        """A latent sample, scaled by scale_factor to roughly unit variance."""
+        z = posterior.sample() if isinstance(posterior, DiagonalGaussianDistribution) else posterior
+        return self.scale_factor * z
+
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, 4, h, w) back to images (B, 3, 8h, 8w)."""
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def get_input(self, batch: Mapping, key: str | None = None) -> tuple[torch.Tensor, object]:
+        """(z, c): scaled first-stage latents and the conditioning (encoded unless trainable)."""
+        x = super().get_input(batch, key or self.first_stage_key)
+        with torch.no_grad():
+            z = self.get_first_stage_encoding(self.encode_first_stage(x))
+        if self.cond_stage_model is None:
+            return z, None
+        c = batch_item(batch, self.cond_stage_key)
+        if self.training and self.cond_stage_key in self.ucg_training:
+            c = drop_conditioning(c, **self.ucg_training[self.cond_stage_key])
+        if not self.cond_stage_trainable:
+            with torch.no_grad():
+                c = self.get_learned_conditioning(c)
+        return z, c
+
+    def forward(self, z: torch.Tensor, c, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
+        if self.cond_stage_trainable and c is not None:
+            c = self.get_learned_conditioning(c)
+        return self.p_losses(z, c, self.random_timesteps(z.shape[0]), prefix=prefix)
+
+    def shared_step(self, batch: Mapping, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
+        return self(*self.get_input(batch), prefix=prefix)
+
+    @torch.no_grad()
+    def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
+        """With scale_by_std, set scale_factor = 1 / std of the first batch's latents."""
+        if not (self._rescale_pending and self.global_step == 0 and batch_idx == 0):
+            return
+        x = DDPM.get_input(self, batch, self.first_stage_key)
+        std = self.encode_first_stage(x).sample().flatten().std()
+        if self._trainer is not None:
+            std = self.trainer.strategy.reduce(std, reduce_op="mean")
+        self.scale_factor.fill_(1.0 / std)
+        self._rescale_pending = False
+        logger.info("scale_by_std: scale_factor set to %.5f", self.scale_factor.item())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = super().trainable_parameters()
+        if self.cond_stage_trainable and self.cond_stage_model is not None:
+            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        return params

@@ -1,0 +1,61 @@
+"""The model as an eps predictor for the samplers, with classifier-free guidance.
+
+Every sampler takes `eps_fn(x_t (B, C, H, W), t (B,)) -> eps (B, C, H, W)`; this module builds
+it from a LatentDiffusion-like model (anything with `apply_model`, `parameterization` and
+`alphas_cumprod`), converting x0 or v predictions to eps in one place.
+Ho & Salimans 2022 (classifier-free guidance); Salimans & Ho 2022 (v-prediction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ldm.models.diffusion import schedule
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def eps_from_prediction(parameterization: str, x_t, t, prediction, alphas_cumprod) -> torch.Tensor:
+    """The eps implied by a model's eps, x0 or v prediction at (x_t, t)."""
+    if parameterization == "eps":
+        return prediction
+    if parameterization == "x0":
+        return schedule.eps_from_x0(x_t, t, prediction, alphas_cumprod)
+    if parameterization == "v":
+        return schedule.eps_from_v(x_t, t, prediction, alphas_cumprod)
+    expected = schedule.PARAMETERIZATIONS
+    raise ValueError(f"parameterization {parameterization!r}; expected one of {expected}")
+
+
+def model_eps_fn(model, cond) -> EpsFn:
+    """eps_fn of the model under conditioning `cond` (no guidance)."""
+
+    def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        prediction = model.apply_model(x_t, t, cond)
+        return eps_from_prediction(model.parameterization, x_t, t, prediction, model.alphas_cumprod)
+
+    return eps_fn
+
+
+def cat_cond(uncond, cond):
+    """[uncond, cond] along the batch: tensors, lists of tensors, or {key: [tensor, ...]}."""
+    if isinstance(cond, Mapping):
+        return {key: cat_cond(uncond[key], cond[key]) for key in cond}
+    if isinstance(cond, (list, tuple)):
+        return [torch.cat([u, c]) for u, c in zip(uncond, cond, strict=True)]  # (2B, ...) each
+    return torch.cat([uncond, cond])  # (2B, ...)
+
+
+def cfg_eps_fn(model, cond, uncond, scale: float) -> EpsFn:
+    """eps_u + scale (eps_c - eps_u) from one batched model call (Ho & Salimans 2022, eq. 6)."""
+    if uncond is None or scale == 1.0:
+        return model_eps_fn(model, cond)
+    eps_both = model_eps_fn(model, cat_cond(uncond, cond))
+
+    def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps_u, eps_c = eps_both(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)  # (B, ...) x2
+        return eps_u + scale * (eps_c - eps_u)
+
+    return eps_fn

@@ -1,0 +1,140 @@
+"""Checkpoint files: round trips, SD legacy keys, EMA keys, clear errors for bad files."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from conftest import load_config
+
+from ldm.checkpoint import CheckpointError, load_weights, read_state_dict, save_checkpoint
+from ldm.util import instantiate_from_config
+
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+
+
+def tiny(**params):
+    config = load_config("tiny/txt2img.yaml").model
+    config.params.update(params)
+    return instantiate_from_config(config).eval()
+
+
+def outputs(model) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        c = model.get_learned_conditioning(["a red circle", "a blue square"])
+        return model.decode_first_stage(model.apply_model(z, torch.tensor([10, 700]), c))
+
+
+def perturbed(model):
+    """Non-default values everywhere, so a load that skipped a tensor shows up."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_round_trip_reproduces_outputs_bit_for_bit(tmp_path, suffix):
+    model = perturbed(tiny())
+    path = tmp_path / f"model{suffix}"
+    save_checkpoint(model.state_dict(), path)
+    restored = tiny(ckpt_path=str(path))
+    assert torch.equal(outputs(model), outputs(restored))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+
+
+def test_ckpt_layout_is_nested_under_state_dict_and_safetensors_is_flat(tmp_path):
+    state_dict = {"a.weight": torch.ones(2)}
+    save_checkpoint(state_dict, tmp_path / "m.ckpt", extra={"global_step": 7})
+    raw = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    assert set(raw) == {"state_dict", "global_step"} and torch.equal(
+        raw["state_dict"]["a.weight"], torch.ones(2)
+    )
+    save_checkpoint(state_dict, tmp_path / "m.safetensors")
+    assert set(read_state_dict(tmp_path / "m.safetensors")) == {"a.weight"}
+
+
+def test_original_sd_extras_load_without_complaint(tmp_path):
+    """SD files carry CLIP position_ids and an EMA copy; a model without EMA loads them."""
+    source = perturbed(tiny(use_ema=True))
+    state_dict = dict(source.state_dict())
+    state_dict[POSITION_IDS] = torch.arange(77)[None]
+    path = tmp_path / "sd.safetensors"
+    save_checkpoint(state_dict, path)
+    model = tiny(use_ema=False)
+    missing, unexpected = load_weights(model, path, strict=True)
+    assert missing == [] and unexpected == []
+    assert torch.equal(outputs(model), outputs(source))
+
+
+def test_ema_weights_round_trip_and_restart_from_weights_when_absent(tmp_path):
+    source = perturbed(tiny(use_ema=True))
+    source.model_ema(source.model)
+    path = tmp_path / "ema.ckpt"
+    save_checkpoint(source.state_dict(), path)
+    restored = tiny(use_ema=True, ckpt_path=str(path))
+    assert restored.model_ema.num_updates.item() == 1
+    no_ema = tmp_path / "no_ema.ckpt"
+    save_checkpoint({k: v for k, v in source.state_dict().items() if "model_ema" not in k}, no_ema)
+    restarted = tiny(use_ema=True, ckpt_path=str(no_ema))
+    with restarted.ema_scope():
+        assert torch.equal(outputs(restarted), outputs(source))
+
+
+def test_mismatched_files_name_the_keys(tmp_path):
+    model = tiny()
+    state_dict = dict(model.state_dict())
+    del state_dict["model.diffusion_model.out.2.bias"]
+    state_dict["model.diffusion_model.extra.weight"] = torch.zeros(1)
+    state_dict["model.diffusion_model.time_embed.0.weight"] = torch.zeros(3, 3)
+    path = tmp_path / "bad.safetensors"
+    save_checkpoint(state_dict, path)
+    with pytest.raises(CheckpointError) as info:
+        load_weights(tiny(), path)
+    message = str(info.value)
+    assert "bad.safetensors" in message
+    assert "missing (1): model.diffusion_model.out.2.bias" in message
+    assert "unexpected (1): model.diffusion_model.extra.weight" in message
+    assert "model.diffusion_model.time_embed.0.weight: file (3, 3) vs model (128, 32)" in message
+
+
+def test_wrong_shapes_fail_even_when_not_strict(tmp_path):
+    state_dict = {"model.diffusion_model.time_embed.0.weight": torch.zeros(3, 3)}
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        load_weights(tiny(), state_dict, strict=False)
+
+
+def test_ignore_keys_drops_prefixes(tmp_path):
+    model = tiny()
+    state_dict = {
+        k: v for k, v in model.state_dict().items() if not k.startswith("first_stage_model.")
+    }
+    state_dict["first_stage_model.stale"] = torch.zeros(1)
+    missing, _ = load_weights(tiny(), state_dict, ignore_keys=["first_stage_model."], strict=False)
+    assert missing and all(k.startswith("first_stage_model.") for k in missing)
+
+
+def test_pickled_objects_need_an_explicit_opt_in(tmp_path):
+    path = tmp_path / "trainer.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "hparams": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(CheckpointError, match="unsafe_pickle=True"):
+        read_state_dict(path)
+    assert set(read_state_dict(path, unsafe_pickle=True)) == {"w"}
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="nowhere.ckpt' does not exist"):
+        read_state_dict(tmp_path / "nowhere.ckpt")
+
+
+def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "last.ckpt"
+    save_checkpoint({"w": torch.ones(1)}, path)
+    with pytest.raises(AttributeError):
+        save_checkpoint({"w": "not a tensor"}, path)
+    assert torch.equal(read_state_dict(path)["w"], torch.ones(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
