@@ -7,21 +7,25 @@ L1 + LPIPS reconstruction and a patch discriminator (`ldm.modules.losses`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
 from einops import rearrange
 from torch import nn
 
-from ldm.checkpoint import load_weights
+from ldm.checkpoint import CheckpointError, load_weights
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-COMPAT_PARAMS = {}
+COMPAT_PARAMS: dict[str, str] = {}
+# The training loss's state (LPIPS, discriminator, logvar) that original first-stage files carry;
+# optional in a file either way, so inference models (`torch.nn.Identity` loss) load them too.
+LOSS_PREFIX = "loss."
 # The SD autoencoder's base learning rate; main.py overrides it from the config.
 DEFAULT_LEARNING_RATE = 4.5e-6
 # Adam betas of the original autoencoder training (GAN practice).
@@ -37,7 +41,7 @@ class AutoencoderKL(pl.LightningModule):
         lossconfig: Mapping,
         embed_dim: int,
         ckpt_path: str | None = None,
-        ignore_keys: list[str] = (),
+        ignore_keys: Sequence[str] = (),
         image_key: str = "image",
         colorize_nlabels: int | None = None,
         monitor: str | None = None,
@@ -59,29 +63,51 @@ class AutoencoderKL(pl.LightningModule):
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         if ckpt_path is not None:
-            load_weights(self, ckpt_path, ignore_keys=ignore_keys, strict=False)
-            logger.info("AutoencoderKL: loaded %s", ckpt_path)
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    def init_from_ckpt(self, path: str | os.PathLike, ignore_keys: Sequence[str] = ()) -> None:
+        """Load `path` into the built model; keys under `ignore_keys` keep their initial values.
+
+        Every other weight must come from the file and every file key must fit the model,
+        except the training loss's state (LOSS_PREFIX), which may be absent on either side.
+        """
+        missing, unexpected = load_weights(self, path, ignore_keys=ignore_keys, strict=False)
+        skipped = tuple(ignore_keys) + (LOSS_PREFIX,)
+        missing = [k for k in missing if not k.startswith(skipped)]
+        unexpected = [k for k in unexpected if not k.startswith(LOSS_PREFIX)]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path} does not fit AutoencoderKL (pass ignore_keys=[...] to skip prefixes): "
+                f"missing {len(missing)} {missing[:10]}, unexpected {len(unexpected)} "
+                f"{unexpected[:10]}"
+            )
+        logger.info("AutoencoderKL: loaded %s", path)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Images (B, 3, H, W) in [-1, 1] to the posterior over latents (B, embed_dim, h, w)."""
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, embed_dim, h, w) to images (B, out_ch, H, W)."""
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, input: torch.Tensor, sample_posterior: bool = True):
+    def forward(
+        self, input: torch.Tensor, sample_posterior: bool = True
+    ) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
+        """(reconstruction, posterior); decodes a posterior sample, or its mode."""
         posterior = self.encode(input)
         z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
     def get_input(self, batch: Mapping, k: str) -> torch.Tensor:
-        """Images (B, H, W, C) of the batch as float (B, C, H, W)."""
+        """Images (B, H, W, C) of the batch as float, contiguous (B, C, H, W); (B, H, W) as C=1."""
         x = batch[k]
         if x.ndim == 3:
             x = x[..., None]
         return rearrange(x, "b h w c -> b c h w").contiguous().float()
 
     def get_last_layer(self) -> torch.Tensor:
+        """The decoder's last weight, against which the loss balances its adversarial term."""
         return self.decoder.conv_out.weight
 
     def losses(self, batch: Mapping, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -19,6 +19,8 @@ from torch import nn
 
 from ldm.checkpoint import load_weights
 from ldm.models.diffusion import schedule
+from ldm.models.diffusion.ddim import make_ddim_timesteps, sample_ddim
+from ldm.models.diffusion.guidance import cfg_eps_fn
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
@@ -404,6 +406,38 @@ class LatentDiffusion(DDPM):
         self.scale_factor.fill_(1.0 / std)
         self._rescale_pending = False
         logger.info("scale_by_std: scale_factor set to %.5f", self.scale_factor.item())
+
+    @torch.no_grad()
+    def sample(
+        self, cond, batch_size: int, steps: int = 50, guidance_scale: float = 1.0, uncond=None,
+        eta: float = 0.0, x_T: torch.Tensor | None = None, generator=None, disable: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
+        """Latents (B, channels, image_size, image_size) by DDIM; guided when uncond is set."""
+        shape = (batch_size, self.channels, self.image_size, self.image_size)
+        x = torch.randn(shape, generator=generator, device=self.device) if x_T is None else x_T
+        eps_fn = cfg_eps_fn(self, cond, uncond, guidance_scale)
+        timesteps = make_ddim_timesteps(steps, self.num_timesteps)
+        return sample_ddim(
+            eps_fn, x, timesteps, self.alphas_cumprod, eta=eta, generator=generator, disable=disable
+        )
+
+    @torch.no_grad()
+    def log_images(
+        self, batch: Mapping, n: int = 8, steps: int = 20, guidance_scale: float = 3.0
+    ) -> dict[str, object]:
+        """Inputs, reconstructions and EMA samples for the batch's captions, in [-1, 1]."""
+        batch = {k: v[:n] for k, v in batch.items()}
+        z, _ = self.get_input(batch)
+        captions = list(batch_item(batch, self.cond_stage_key))
+        images = {"inputs": DDPM.get_input(self, batch, self.first_stage_key)}
+        images["reconstructions"] = self.decode_first_stage(z)
+        with self.ema_scope():
+            cond = self.get_learned_conditioning(captions)
+            uncond = self.get_learned_conditioning([""] * len(captions))
+            for scale in (1.0, guidance_scale):
+                latents = self.sample(cond, len(captions), steps, scale, uncond)
+                images[f"samples_cfg{scale:g}"] = self.decode_first_stage(latents)
+        return {"captions": captions, **images}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = super().trainable_parameters()

@@ -5,15 +5,21 @@ Esser et al. 2021 (VQGAN architecture); Rombach et al. 2022 (the SD first stage)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldm.util import ConfigError
+
 # GroupNorm of the autoencoder (`Normalize` in the original).
 NORM_GROUPS, NORM_EPS = 32, 1e-6
-# Attention types of the original configs; xformers' is the same math, done here by SDPA.
+# Attention types we build; "vanilla-xformers" is the same math (and keys), done here by SDPA.
 ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")
+# Attention types the original has that we do not build (other modules, other checkpoint keys).
+UNBUILT_ATTN_TYPES = ("linear", "memory-efficient-cross-attn")
 # One `ddconfig` builds both networks, so each takes the other's params too.
 COMPAT_PARAMS = {
     "out_ch": "Decoder only (the Encoder's output width is set by z_channels)",
@@ -25,6 +31,7 @@ COMPAT_PARAMS = {
 
 
 def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802  (the original's name)
+    """GroupNorm(32, channels, eps=1e-6) with affine weights."""
     return nn.GroupNorm(NORM_GROUPS, channels, eps=NORM_EPS, affine=True)
 
 
@@ -63,21 +70,35 @@ class Downsample(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """Two norm-swish-conv layers with a residual connection (1x1 conv when widths differ)."""
+    """Two norm-swish-conv layers with a residual connection (1x1 conv when widths differ).
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+    `temb_channels > 0` adds the projected time embedding after the first conv, as the original
+    does for its diffusion variant; the autoencoder uses 0 (no `temb_proj` weights).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        dropout: float = 0.0,
+        temb_channels: int = 0,
+    ):
         super().__init__()
         out_channels = out_channels or in_channels
         self.norm1 = Normalize(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        if temb_channels > 0:
+            self.temb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = Normalize(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(nonlinearity(self.norm1(x)))
+        if temb is not None:
+            h = h + rearrange(self.temb_proj(nonlinearity(temb)), "b c -> b c 1 1")
         h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
         shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
         return shortcut + h
@@ -106,13 +127,17 @@ def make_attn(channels: int, attn_type: str) -> nn.Module:
 
 
 def check_attn(use_linear_attn: bool, attn_type: str) -> None:
-    """Reject the attention options this implementation does not have."""
+    """Reject the attention options this implementation does not have, naming the key."""
     if use_linear_attn:
-        raise NotImplementedError("ddconfig.use_linear_attn: linear attention is not supported")
-    if attn_type not in ATTN_TYPES:
-        raise ValueError(
+        raise NotImplementedError(
+            "ddconfig.use_linear_attn=True (linear attention) is not supported"
+        )
+    if attn_type in UNBUILT_ATTN_TYPES:
+        raise NotImplementedError(
             f"ddconfig.attn_type {attn_type!r} is not supported; use one of {ATTN_TYPES}"
         )
+    if attn_type not in ATTN_TYPES:
+        raise ConfigError(f"ddconfig.attn_type {attn_type!r} is unknown; use one of {ATTN_TYPES}")
 
 
 def make_mid(channels: int, dropout: float, attn_type: str) -> nn.Module:
@@ -125,16 +150,19 @@ def make_mid(channels: int, dropout: float, attn_type: str) -> nn.Module:
 
 
 def run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The middle of either network; keeps the shape."""
     return mid.block_2(mid.attn_1(mid.block_1(h)))
 
 
 def make_level(blocks: list[ResnetBlock], attn: list[nn.Module]) -> nn.Module:
+    """One resolution level: `block.{j}` and `attn.{j}` (empty without attention there)."""
     level = nn.Module()
     level.block, level.attn = nn.ModuleList(blocks), nn.ModuleList(attn)
     return level
 
 
 def run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Each ResnetBlock, followed by its attention block when the level has attention."""
     for i, block in enumerate(level.block):
         h = block(h)
         if len(level.attn):
@@ -146,8 +174,8 @@ class Encoder(nn.Module):
     """Images (B, in_channels, H, W) to latent moments (B, 2 z_channels, H/f, W/f), f = 2^(L-1)."""
 
     def __init__(
-        self, *, ch: int, out_ch: int, ch_mult: list[int] = (1, 2, 4, 8), num_res_blocks: int,
-        attn_resolutions: list[int], dropout: float = 0.0, resamp_with_conv: bool = True,
+        self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
+        attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
         in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
         give_pre_end: bool = False, tanh_out: bool = False, use_linear_attn: bool = False,
         attn_type: str = "vanilla",
@@ -189,8 +217,8 @@ class Decoder(nn.Module):
     """Latents (B, z_channels, h, w) to images (B, out_ch, h·f, w·f)."""
 
     def __init__(
-        self, *, ch: int, out_ch: int, ch_mult: list[int] = (1, 2, 4, 8), num_res_blocks: int,
-        attn_resolutions: list[int], dropout: float = 0.0, resamp_with_conv: bool = True,
+        self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
+        attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
         in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
         give_pre_end: bool = False, tanh_out: bool = False, use_linear_attn: bool = False,
         attn_type: str = "vanilla",

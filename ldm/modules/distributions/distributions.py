@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -18,8 +19,7 @@ class DiagonalGaussianDistribution:
         self.mean, logvar = parameters.chunk(2, dim=1)  # (B, C, H, W) each
         self.logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
         self.deterministic = deterministic
-        if deterministic:
-            self.logvar = torch.full_like(self.mean, -math.inf).clamp(min=LOGVAR_MIN)
+        if deterministic:  # a point mass at the mean; logvar is kept as given, as the original
             self.std = self.var = torch.zeros_like(self.mean)
         else:
             self.std = (0.5 * self.logvar).exp()
@@ -33,12 +33,13 @@ class DiagonalGaussianDistribution:
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:
+        """The most likely latent: the mean."""
         return self.mean
 
     def kl(self, other: DiagonalGaussianDistribution | None = None) -> torch.Tensor:
         """KL(self || other) per sample, summed over (C, H, W); other defaults to N(0, I)."""
         if self.deterministic:
-            return torch.zeros(self.mean.shape[0], device=self.mean.device)
+            return self.mean.new_zeros(self.mean.shape[0])
         if other is None:
             kl = self.mean.square() + self.var - 1.0 - self.logvar
         else:
@@ -46,10 +47,10 @@ class DiagonalGaussianDistribution:
             kl = kl + self.var / other.var - 1.0 - self.logvar + other.logvar
         return 0.5 * kl.sum(dim=(1, 2, 3))
 
-    def nll(self, sample: torch.Tensor, dims: tuple[int, ...] = (1, 2, 3)) -> torch.Tensor:
+    def nll(self, sample: torch.Tensor, dims: Sequence[int] = (1, 2, 3)) -> torch.Tensor:
         """Negative log-likelihood of `sample`, summed over `dims`."""
         if self.deterministic:
-            return torch.zeros(sample.shape[0], device=sample.device)
+            return sample.new_zeros(sample.shape[0])
         log_two_pi = math.log(2.0 * math.pi)
         terms = log_two_pi + self.logvar + (sample - self.mean).square() / self.var
-        return 0.5 * terms.sum(dim=dims)
+        return 0.5 * terms.sum(dim=tuple(dims))

@@ -1,0 +1,134 @@
+"""The Lightning DataModule that the original main.py builds from the config's `data:` section.
+
+Each split (train / validation / test / predict) is a `{target, params}` data set config. Only
+the splits that are configured get a `*_dataloader` method, so Lightning skips the others.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test", "predict")
+HOOKS = {"train": "train", "validation": "val", "test": "test", "predict": "predict"}
+
+
+def cpu_count() -> int:
+    """CPU cores this process may use."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seed numpy and `random` from torch's per-worker seed, so workers draw different numbers."""
+    seed = torch.initial_seed() % 2**32  # torch seeds each worker with base_seed + worker_id
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def describe(dataset: Any) -> str:
+    """Class name and, for map-style data sets, the item count."""
+    size = "streamed" if isinstance(dataset, IterableDataset) else f"{len(dataset)} items"
+    return f"{type(dataset).__name__} ({size})"
+
+
+class WrappedDataset(Dataset):
+    """A torch Dataset around any object with `__len__` and `__getitem__` (the original `wrap`)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.data = dataset
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.data[index]
+
+
+class DataModuleFromConfig(pl.LightningDataModule):
+    """Data sets from `{target, params}` configs, served by DataLoaders of `batch_size`.
+
+    The train loader shuffles map-style data and drops the last partial batch, so that every
+    step sees `batch_size` items (a different remainder is left out each epoch). Iterable data
+    sets are never shuffled by the loader; they shuffle themselves.
+
+    Args:
+        wrap: wrap each data set in `WrappedDataset`, as the original did for plain sequences.
+        num_workers: loader processes; default `batch_size * 2`, capped at the CPU count.
+        use_worker_init_fn: seed numpy and `random` per worker (`worker_init_fn`).
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        train: Mapping | None = None,
+        validation: Mapping | None = None,
+        test: Mapping | None = None,
+        predict: Mapping | None = None,
+        wrap: bool = False,
+        num_workers: int | None = None,
+        shuffle_test_loader: bool = False,
+        use_worker_init_fn: bool = False,
+        shuffle_val_dataloader: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"DataModuleFromConfig: 'batch_size' must be ≥ 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.num_workers = min(batch_size * 2, cpu_count()) if num_workers is None else num_workers
+        self.wrap = wrap
+        self.use_worker_init_fn = use_worker_init_fn
+        self.shuffle = {"validation": shuffle_val_dataloader, "test": shuffle_test_loader}
+        configs = dict(zip(SPLITS, (train, validation, test, predict), strict=True))
+        self.dataset_configs = {split: c for split, c in configs.items() if c is not None}
+        self.datasets: dict[str, Any] = {}
+        # Lightning runs a loop only when its *_dataloader hook is overridden: add configured ones
+        # (a partial of a bound method, so the module still pickles for ddp_spawn).
+        for split in self.dataset_configs:
+            setattr(self, f"{HOOKS[split]}_dataloader", functools.partial(self.dataloader, split))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build every configured data set (once)."""
+        for split, config in self.dataset_configs.items():
+            if split not in self.datasets:
+                dataset = instantiate_from_config(config)
+                self.datasets[split] = WrappedDataset(dataset) if self.wrap else dataset
+                logger.info("%s data: %s", split, describe(dataset))
+        train = self.datasets.get("train")
+        if train is not None and not isinstance(train, IterableDataset):
+            if len(train) < self.batch_size:
+                raise ValueError(
+                    f"data.params.train has {len(train)} items, fewer than batch_size "
+                    f"{self.batch_size}: the train loader drops partial batches, so none is left"
+                )
+
+    def dataloader(self, split: str) -> DataLoader:
+        """The DataLoader of one configured split."""
+        if split not in self.datasets:
+            self.setup()
+        dataset = self.datasets[split]
+        iterable = isinstance(dataset, IterableDataset)
+        shuffle = not iterable and (split == "train" or self.shuffle.get(split, False))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=split == "train",
+            num_workers=self.num_workers,
+            worker_init_fn=worker_init_fn if self.use_worker_init_fn else None,
+            persistent_workers=self.num_workers > 0,
+        )

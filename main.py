@@ -1,0 +1,222 @@
+"""Train a model from YAML configs: `python main.py --base configs/....yaml -t`.
+
+The interface of the original Stable Diffusion main.py: configs are merged left to right,
+trailing `key=value` arguments override them (OmegaConf dot-list), `-r` resumes a run in its
+own log dir, and the config's `lightning:` section configures the Trainer, logger and callbacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import logging
+import os
+import sys
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+from ldm.callbacks import (
+    LAST_CHECKPOINT,
+    AtomicCheckpointIO,
+    NonFiniteLossGuard,
+    RNGStateCallback,
+    SaveOnInterrupt,
+    SetupCallback,
+)
+from ldm.checkpoint import load_weights
+from ldm.data import DataModuleFromConfig  # noqa: F401  (original configs name main.DataModuleFromConfig)
+from ldm.util import ConfigError, instantiate_from_config
+
+logger = logging.getLogger("main")
+
+# Command-line flags that set a Trainer argument of the same name when given.
+TRAINER_FLAGS = (
+    "accelerator", "devices", "precision", "max_steps", "accumulate_grad_batches",
+    "num_nodes", "strategy",
+)  # fmt: skip
+DEFAULT_LOGGER = {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"name": "csv"}}
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add(
+        "-b",
+        "--base",
+        nargs="*",
+        metavar="config.yaml",
+        default=[],
+        help="configs, merged left to right; `key=value` arguments after them override",
+    )
+    add("-t", "--train", action="store_true", help="train (otherwise only build and test)")
+    add("-n", "--name", default="", help="postfix of the log dir name")
+    add("-p", "--project", help="name of a new or existing project log dir")
+    add("-r", "--resume", default="", help="resume from a log dir or a checkpoint in one")
+    add("-s", "--seed", type=int, default=23, help="seed for everything")
+    add("-l", "--logdir", default="logs", help="where log dirs are created")
+    add(
+        "--scale_lr",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="scale base_learning_rate by accumulate * devices * nodes * batch size",
+    )
+    add("-d", "--debug", action="store_true", help="put the log dir under logdir/debug_runs")
+    add("--no-test", action="store_true", help="skip testing after training")
+    add("--finetune_from", default="", help="initialise weights (only) from a .ckpt/.safetensors")
+    add("--accelerator", help="cpu, gpu, mps or auto")
+    add("--devices", "--gpus", dest="devices", help="number or list of devices, e.g. 2 or 0,1")
+    add("--precision", choices=["32", "32-true", "16-mixed", "bf16-mixed", "bf16-true"])
+    add("--max_steps", type=int)
+    add("--accumulate_grad_batches", type=int)
+    add("--num_nodes", type=int)
+    add("--strategy", help="e.g. ddp, ddp_find_unused_parameters_true, fsdp")
+    return parser  # fmt: skip
+
+
+def resolve_resume(resume: str) -> tuple[str, str]:
+    """(log dir, checkpoint) of a `-r` argument: a log dir or a checkpoint inside one."""
+    if not os.path.exists(resume):
+        raise FileNotFoundError(f"-r/--resume: {resume!r} does not exist")
+    if os.path.isfile(resume):
+        logdir = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
+        return logdir, resume
+    ckpt = os.path.join(resume.rstrip("/"), "checkpoints", LAST_CHECKPOINT)
+    if not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"-r/--resume: no {ckpt}; pass the checkpoint to resume from")
+    return resume.rstrip("/"), ckpt
+
+
+def make_run_dirs(opt: argparse.Namespace, now: str) -> tuple[str, str, list[str]]:
+    """(log dir, checkpoint to resume from or "", config files) for this run."""
+    if opt.resume:
+        logdir, ckpt = resolve_resume(opt.resume)
+        saved = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
+        return logdir, ckpt, saved + opt.base
+    if not opt.base:
+        raise SystemExit("main.py: pass at least one config with --base (or -r to resume)")
+    name = opt.name or os.path.splitext(os.path.basename(opt.base[0]))[0]
+    logroot = os.path.join(opt.logdir, "debug_runs") if opt.debug else opt.logdir
+    return os.path.join(logroot, opt.project or f"{now}_{name}"), "", opt.base
+
+
+def load_config(files: list[str], overrides: list[str]) -> DictConfig:
+    """Merge YAML files left to right, then `key=value` overrides."""
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--base: config {path!r} does not exist")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise SystemExit(f"main.py: unrecognised arguments {bad}; overrides look like key=value")
+    configs = [OmegaConf.load(path) for path in files]
+    return OmegaConf.merge(*configs, OmegaConf.from_dotlist(overrides))
+
+
+def trainer_kwargs(opt: argparse.Namespace, lightning_config: DictConfig) -> dict:
+    """The config's `lightning.trainer`, with command-line flags on top."""
+    kwargs = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()))
+    for flag in TRAINER_FLAGS:
+        value = getattr(opt, flag)
+        if value is not None:
+            kwargs[flag] = int(value) if flag == "devices" and value.isdigit() else value
+    kwargs.setdefault("accelerator", "auto")
+    return kwargs
+
+
+def device_count(kwargs: dict) -> int:
+    devices = kwargs.get("devices", 1)
+    if isinstance(devices, int):
+        return max(devices, 1)
+    if isinstance(devices, str) and devices not in ("auto", "-1"):
+        return len([d for d in devices.split(",") if d.strip()])
+    return 1
+
+
+def set_learning_rate(model, config: DictConfig, kwargs: dict, scale: bool) -> None:
+    """base_learning_rate, times accumulate × devices × nodes × batch size with --scale_lr."""
+    base_lr = config.model.get("base_learning_rate", model.learning_rate)
+    batch_size = config.data.params.batch_size
+    n = kwargs.get("accumulate_grad_batches", 1) * device_count(kwargs)
+    n *= kwargs.get("num_nodes", 1) * batch_size
+    model.learning_rate = n * base_lr if scale else base_lr
+    logger.info(
+        "learning rate %.2e = %s%.2e (base)", model.learning_rate,
+        f"{n} (accumulate × devices × nodes × batch) × " if scale else "", base_lr,
+    )  # fmt: skip
+
+
+def make_callbacks(opt, now, logdir, config, lightning_config, model) -> list[pl.Callback]:
+    ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
+    checkpoint_params = {
+        "dirpath": ckptdir, "filename": "{epoch:06}-{step:09}", "save_last": True,
+        "save_top_k": -1, "every_n_train_steps": None,
+    }  # fmt: skip
+    checkpoint_params.update(lightning_config.get("modelcheckpoint", {}).get("params", {}))
+    callbacks = [
+        SetupCallback(now, logdir, ckptdir, cfgdir, config, lightning_config),
+        RNGStateCallback(),
+        NonFiniteLossGuard(),
+        SaveOnInterrupt(ckptdir),
+        LearningRateMonitor(logging_interval="step"),
+        ModelCheckpoint(**checkpoint_params),
+    ]
+    for cfg in lightning_config.get("callbacks", {}).values():
+        callbacks.append(instantiate_from_config(cfg))
+    return callbacks
+
+
+def make_logger(logdir: str, lightning_config: DictConfig):
+    config = OmegaConf.merge(DEFAULT_LOGGER, lightning_config.get("logger", {}))
+    config.params.setdefault("save_dir", logdir)
+    return instantiate_from_config(config)
+
+
+def main(argv: list[str] | None = None) -> pl.Trainer:
+    opt, overrides = get_parser().parse_known_args(argv)
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    logdir, resume_ckpt, files = make_run_dirs(opt, now)
+    config = load_config(files, overrides)
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    pl.seed_everything(opt.seed, workers=True)
+    model = instantiate_from_config(config.model)
+    if opt.finetune_from:
+        missing, unexpected = load_weights(model, opt.finetune_from, strict=False)
+        logger.info("fine-tuning from %s (%d missing, %d unexpected keys)",
+                    opt.finetune_from, len(missing), len(unexpected))  # fmt: skip
+    if "data" not in config:
+        raise ConfigError("the merged config has no `data:` section to train on")
+    data = instantiate_from_config(config.data)
+    kwargs = trainer_kwargs(opt, lightning_config)
+    set_learning_rate(model, config, kwargs, opt.scale_lr)
+    trainer = pl.Trainer(
+        **kwargs,
+        logger=make_logger(logdir, lightning_config),
+        callbacks=make_callbacks(opt, now, logdir, config, lightning_config, model),
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=logdir,
+    )
+    if opt.train:
+        trainer.fit(model, data, ckpt_path=resume_ckpt or None)
+    if opt.train and not opt.no_test and not trainer.interrupted and config.data.params.get("test"):
+        trainer.test(model, data)
+    return trainer
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as err:
+        sys.exit(f"main.py: {err}")
