@@ -183,6 +183,16 @@ def make_logger(logdir: str, lightning_config: DictConfig):
     return instantiate_from_config(config)
 
 
+def finetune_from(model, path: str) -> None:
+    """Initialise weights (not optimizer state) from a checkpoint, original SD files included."""
+    if hasattr(model, "init_from_ckpt"):  # also restarts the EMA from the loaded weights
+        model.init_from_ckpt(path)
+    else:
+        missing, unexpected = load_weights(model, path, strict=False)
+        logger.info("%s: %d missing, %d unexpected keys", path, len(missing), len(unexpected))
+    logger.info("fine-tuning from %s", path)
+
+
 def main(argv: list[str] | None = None) -> pl.Trainer:
     opt, overrides = get_parser().parse_known_args(argv)
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
@@ -192,9 +202,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     pl.seed_everything(opt.seed, workers=True)
     model = instantiate_from_config(config.model)
     if opt.finetune_from:
-        missing, unexpected = load_weights(model, opt.finetune_from, strict=False)
-        logger.info("fine-tuning from %s (%d missing, %d unexpected keys)",
-                    opt.finetune_from, len(missing), len(unexpected))  # fmt: skip
+        finetune_from(model, opt.finetune_from)
     if "data" not in config:
         raise ConfigError("the merged config has no `data:` section to train on")
     data = instantiate_from_config(config.data)
@@ -205,6 +213,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
         logger=make_logger(logdir, lightning_config),
         callbacks=make_callbacks(opt, now, logdir, config, lightning_config, model),
         plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # our samplers split data across ranks themselves
         default_root_dir=logdir,
     )
     if opt.train:

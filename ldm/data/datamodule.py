@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.data.sampler import ResumableLoader, ResumableSampler
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     The train loader shuffles map-style data and drops the last partial batch, so that every
     step sees `batch_size` items (a different remainder is left out each epoch). Iterable data
-    sets are never shuffled by the loader; they shuffle themselves.
+    sets are never shuffled by the loader; they shuffle themselves. Map-style data is split
+    across DDP ranks by `ResumableSampler` (so the Trainer runs with
+    `use_distributed_sampler=False`), in an order that depends only on the seed and the epoch,
+    and the train loader resumes mid-epoch where a checkpoint left it.
 
     Args:
         wrap: wrap each data set in `WrappedDataset`, as the original did for plain sequences.
@@ -93,6 +97,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.wrap = wrap
         self.use_worker_init_fn = use_worker_init_fn
         self.shuffle = {"validation": shuffle_val_dataloader, "test": shuffle_test_loader}
+        # Loader randomness (order, worker seeds) from the run's seed, not the global RNG stream.
+        self.seed = torch.initial_seed() % 2**31
         configs = dict(zip(SPLITS, (train, validation, test, predict), strict=True))
         self.dataset_configs = {split: c for split, c in configs.items() if c is not None}
         self.datasets: dict[str, Any] = {}
@@ -121,14 +127,26 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if split not in self.datasets:
             self.setup()
         dataset = self.datasets[split]
-        iterable = isinstance(dataset, IterableDataset)
-        shuffle = not iterable and (split == "train" or self.shuffle.get(split, False))
-        return DataLoader(
-            dataset,
+        common = dict(
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=split == "train",
             num_workers=self.num_workers,
             worker_init_fn=worker_init_fn if self.use_worker_init_fn else None,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
         )
+        if isinstance(dataset, IterableDataset):
+            return DataLoader(dataset, **common)
+        shuffle = split == "train" or self.shuffle.get(split, False)
+        sampler = ResumableSampler(len(dataset), shuffle, self.seed)
+        if split != "train":
+            return DataLoader(dataset, sampler=sampler, **common)
+        return ResumableLoader(
+            dataset, sampler=sampler, drop_last=True, progress=self.batches_taken, **common
+        )
+
+    def batches_taken(self) -> int:
+        """Batches of the current epoch the training loop has processed (0 outside a fit)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
