@@ -15,7 +15,7 @@ import webdataset as wds
 from omegaconf import OmegaConf
 from PIL import Image
 from pytorch_lightning.utilities.model_helpers import is_overridden
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from ldm.data import (
     DataModuleFromConfig,
@@ -25,6 +25,7 @@ from ldm.data import (
     WrappedDataset,
 )
 from ldm.data.datamodule import cpu_count, worker_init_fn
+from ldm.data.sampler import ResumableSampler
 from ldm.data.synthetic import PALETTE, SHAPES, caption_for, draw_shape
 from ldm.util import instantiate_from_config
 
@@ -393,12 +394,32 @@ def test_datamodule_shuffles_map_style_but_never_iterable_data(tmp_path):
         batch_size=2, train=shards, validation=shapes_config(4), test=shapes_config(4),
         num_workers=0, shuffle_val_dataloader=True,
     )  # fmt: skip
-    assert not isinstance(data.train_dataloader().sampler, RandomSampler)
-    assert isinstance(data.val_dataloader().sampler, RandomSampler)
-    assert not isinstance(data.test_dataloader().sampler, RandomSampler)
+    assert not isinstance(data.train_dataloader().sampler, ResumableSampler)
+    assert data.val_dataloader().sampler.shuffle
+    assert not data.test_dataloader().sampler.shuffle
     assert sum(len(b["caption"]) for b in data.train_dataloader()) == N_SHARDS * PER_SHARD
     shuffled = DataModuleFromConfig(2, test=shapes_config(4), shuffle_test_loader=True)
-    assert isinstance(shuffled.test_dataloader().sampler, RandomSampler)
+    assert shuffled.test_dataloader().sampler.shuffle
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch_and_resumes():
+    sampler = ResumableSampler(10, shuffle=True, seed=3)
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == list(range(10)) and first != second
+    assert list(ResumableSampler(10, shuffle=True, seed=3)) == first
+    resumed = ResumableSampler(10, shuffle=True, seed=3)
+    resumed.resume(epoch=1, start=4)
+    assert list(resumed) == second[4:]
+    assert list(resumed) == list(ResumableSampler(10, True, 3).order(2))
+
+
+def test_sampler_splits_ranks_disjointly(monkeypatch):
+    halves = []
+    for rank in (0, 1):
+        monkeypatch.setattr("ldm.data.sampler.rank_and_world_size", lambda r=rank: (r, 2))
+        halves.append(list(ResumableSampler(11, shuffle=True, seed=0)))
+    assert len(halves[0]) == len(halves[1]) == 5
+    assert not set(halves[0]) & set(halves[1])
 
 
 def test_datamodule_workers_default_wrap_and_init_fn():
