@@ -25,6 +25,7 @@ from ldm.callbacks import (
     RNGStateCallback,
     SaveOnInterrupt,
     SetupCallback,
+    SkippedImagesReport,
 )
 from ldm.checkpoint import load_weights
 from ldm.data import DataModuleFromConfig  # noqa: F401  (original configs name main.DataModuleFromConfig)
@@ -169,6 +170,7 @@ def make_callbacks(opt, now, logdir, config, lightning_config, model) -> list[pl
         RNGStateCallback(),
         NonFiniteLossGuard(),
         SaveOnInterrupt(ckptdir),
+        SkippedImagesReport(),
         LearningRateMonitor(logging_interval="step"),
         ModelCheckpoint(**checkpoint_params),
     ]

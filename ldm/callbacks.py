@@ -134,6 +134,27 @@ class SaveOnInterrupt(pl.Callback):
         logger.info("interrupted at step %d: saved %s", trainer.global_step, path)
 
 
+class SkippedImagesReport(pl.Callback):
+    """Totals the unreadable images the data sets skipped (`batch["skipped"]`) per epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        skipped = batch.get("skipped") if isinstance(batch, dict) else None
+        if skipped is not None:
+            self.count += int(torch.as_tensor(skipped).sum())
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.count:
+            logger.warning(
+                "epoch %d: %d unreadable images were skipped (see the warnings naming them)",
+                trainer.current_epoch, self.count,
+            )  # fmt: skip
+        self.count = 0
+
+
 def to_uint8_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
     """Images (N, 3, H, W) in [-1, 1] as one (H', W', 3) uint8 grid."""
     grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=1)

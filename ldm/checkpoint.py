@@ -126,3 +126,24 @@ def save_checkpoint(
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def load_run(logdir: str | os.PathLike, ckpt: str | os.PathLike | None = None):
+    """(model, config) of a `main.py` run: its saved config, weights from `ckpt` or last.ckpt."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    logdir = Path(logdir)
+    configs = sorted((logdir / "configs").glob("*-project.yaml"))
+    if not configs:
+        raise CheckpointError(f"{logdir} has no configs/*-project.yaml; is it a main.py log dir?")
+    ckpt = Path(ckpt) if ckpt else logdir / "checkpoints" / "last.ckpt"
+    config = OmegaConf.merge(*(OmegaConf.load(c) for c in configs))
+    params = config.model.params
+    params.ckpt_path = None  # the run's own weights come from `ckpt`, below
+    if "first_stage_config" in params:
+        params.first_stage_config.params.ckpt_path = None
+    model = instantiate_from_config(config.model)
+    load_weights(model, ckpt)
+    return model.eval(), config

@@ -17,6 +17,7 @@ from PIL import Image
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 
+from ldm.callbacks import SkippedImagesReport
 from ldm.data import (
     DataModuleFromConfig,
     ImageCaptionFolder,
@@ -209,6 +210,30 @@ def test_corrupt_image_is_skipped_with_a_warning_and_counted(tmp_path, caplog):
     assert ds.skipped == 1 and ds.skipped_files == {tmp_path / "bad.png"}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "bad.png" in warnings[0]
+
+
+def test_skipped_images_are_totalled_per_epoch_across_workers(tmp_path, caplog):
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    for i in range(3):
+        Image.new("RGB", (8, 8), RED).save(tmp_path / f"good{i}.png")
+    for path in tmp_path.glob("*.png"):
+        path.with_suffix(".txt").write_text(path.stem)
+    folder = {
+        "target": "ldm.data.folder.ImageCaptionFolder",
+        "params": {"root": str(tmp_path), "size": 8},
+    }
+    data = DataModuleFromConfig(batch_size=2, train=folder, num_workers=2)
+    report = SkippedImagesReport()
+    for batch in data.train_dataloader():
+        report.on_train_batch_end(None, None, None, batch, 0)
+    assert report.count == 1
+
+    class Trainer:
+        current_epoch = 0
+
+    with caplog.at_level(logging.WARNING, logger="ldm.callbacks"):
+        report.on_train_epoch_end(Trainer(), None)
+    assert "1 unreadable images were skipped" in caplog.text and report.count == 0
 
 
 def test_folder_of_only_corrupt_images_raises(tmp_path):

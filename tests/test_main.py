@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import main
 from ldm.callbacks import AtomicCheckpointIO, NonFiniteLossGuard
@@ -55,6 +56,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     for key in reference:
         torch.testing.assert_close(ours[key], reference[key], msg=key)
     assert logdirs(tmp_path / "parts") == [logdir]  # the same log dir goes on
+
+
+def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path):
+    trainer = run(tmp_path, "txt2img.yaml", "-t", "--max_steps", "2", "--precision", "bf16-mixed")
+    assert trainer.global_step == 2
+    assert all(p.dtype == torch.float32 for p in trainer.lightning_module.parameters())
 
 
 def test_config_overrides_apply_and_are_saved(tmp_path):
@@ -127,14 +134,15 @@ def test_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def test_ctrl_c_saves_last_ckpt_for_resume(tmp_path, monkeypatch):
+@pytest.mark.parametrize("signal", [KeyboardInterrupt, SIGTERMException], ids=["ctrl-c", "sigterm"])
+def test_interrupt_saves_last_ckpt_for_resume(tmp_path, monkeypatch, signal):
     from ldm.models.diffusion.ddpm import LatentDiffusion
 
     original = LatentDiffusion.training_step
 
     def interrupt_at_step_2(self, batch, batch_idx):
         if self.global_step == 2:
-            raise KeyboardInterrupt
+            raise signal
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(LatentDiffusion, "training_step", interrupt_at_step_2)

@@ -119,7 +119,9 @@ class ImageCaptionFolder(Dataset):
     `{"image": float32 (size, size, 3) in [-1, 1], "caption": str}`.
 
     Unreadable images are skipped with a warning and replaced by the next readable item; their
-    paths collect in `skipped_files` (per process: each DataLoader worker keeps its own set).
+    paths collect in `skipped_files` (per process: each DataLoader worker keeps its own set),
+    and each item's `"skipped"` counts the files passed over to produce it, so that
+    `ldm.callbacks.SkippedImagesReport` can total them per epoch across workers.
     """
 
     def __init__(
@@ -188,7 +190,7 @@ class ImageCaptionFolder(Dataset):
             if self.images[i] in self.skipped_files:
                 continue
             try:
-                return self.load(i)
+                return {**self.load(i), "skipped": offset}
             except IMAGE_ERRORS as err:
                 self.skipped_files.add(self.images[i])
                 logger.warning("skipping unreadable image %s: %s", self.images[i], err)

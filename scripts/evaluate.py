@@ -1,0 +1,78 @@
+"""Score prompt adherence of a model trained on the synthetic shapes; print the result as JSON.
+
+    python scripts/evaluate.py --logdir logs/<run> [--n_per_prompt 4] [--steps 50] [--scale 3]
+
+Each (colour, shape) pair of the data set is prompted `n_per_prompt` times on a random other
+background; the judge (`ldm.evaluation.judge`) reads colour, shape and background off each
+image. The grid of generated images is saved under --outdir with its captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm.callbacks import to_uint8_grid  # noqa: E402
+from ldm.checkpoint import load_run  # noqa: E402
+from ldm.data.synthetic import SyntheticShapes  # noqa: E402
+from ldm.evaluation import accuracy, generate, judge, prompt_grid, to_uint8  # noqa: E402
+from ldm.util import instantiate_from_config  # noqa: E402
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--logdir", required=True, help="a main.py log dir of a txt2img run")
+    parser.add_argument("--ckpt", help="checkpoint in it to use (default: checkpoints/last.ckpt)")
+    parser.add_argument("--n_per_prompt", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--outdir", default="outputs/evaluate")
+    return parser
+
+
+def evaluate(model, data: SyntheticShapes, n_per_prompt: int, steps: int, scale: float, seed: int):
+    """(accuracies, generated images (N, 3, H, W), captions, labels) over the prompt grid."""
+    labels = [label for label in prompt_grid(data, seed) for _ in range(n_per_prompt)]
+    captions = [data.caption(*label) for label in labels]
+    images = generate(model, captions, steps, scale, seed)
+    verdicts = [judge(image, data) for image in to_uint8(images)]
+    return accuracy(verdicts, labels), images, captions, labels
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opt = get_parser().parse_args(argv)
+    start = time.time()
+    model, config = load_run(opt.logdir, opt.ckpt)
+    data = instantiate_from_config(config.data.params.train)
+    if not isinstance(data, SyntheticShapes):
+        sys.exit(
+            f"evaluate.py: {opt.logdir} was trained on {type(data).__name__}, not SyntheticShapes"
+        )
+    scores, images, captions, _ = evaluate(
+        model, data, opt.n_per_prompt, opt.steps, opt.scale, opt.seed
+    )
+    outdir = Path(opt.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8_grid(images, nrow=opt.n_per_prompt)).save(outdir / "samples.png")
+    (outdir / "captions.txt").write_text("\n".join(captions) + "\n")
+    result = {
+        **scores, "n_images": len(captions), "steps": opt.steps, "scale": opt.scale,
+        "seconds": round(time.time() - start, 1), "logdir": str(opt.logdir),
+    }  # fmt: skip
+    (outdir / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -1,0 +1,68 @@
+"""The prompt-adherence judge and the evaluate / demo scripts on tiny runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ldm.data.synthetic import SyntheticShapes
+from ldm.evaluation import Verdict, accuracy, judge, prompt_grid
+from scripts import demo
+
+
+def as_uint8(image: np.ndarray) -> np.ndarray:
+    return ((image + 1) * 127.5).round().astype(np.uint8)
+
+
+def test_judge_reads_the_data_sets_own_images_perfectly():
+    data = SyntheticShapes(size=32, length=300, seed=11)
+    for i in range(len(data)):
+        item = data[i]
+        assert judge(as_uint8(item["image"]), data) == Verdict(
+            item["color"], item["shape"], item["background"]
+        ), item["caption"]
+
+
+def test_judge_survives_noise_and_reports_a_missing_shape():
+    data = SyntheticShapes(size=32, length=50, seed=2)
+    rng = np.random.default_rng(0)
+    hits = 0
+    for i in range(len(data)):
+        item = data[i]
+        noisy = np.clip(as_uint8(item["image"]) + rng.normal(0, 12, (32, 32, 3)), 0, 255)
+        verdict = judge(noisy.astype(np.uint8), data)
+        hits += verdict == Verdict(item["color"], item["shape"], item["background"])
+    assert hits >= 45
+    blank = np.full((32, 32, 3), data.color_values[2], dtype=np.uint8)
+    assert judge(blank, data) == Verdict(-1, -1, 2)
+
+
+def test_prompt_grid_covers_every_pair_on_another_background():
+    data = SyntheticShapes(size=32, length=1)
+    grid = prompt_grid(data)
+    assert len(grid) == len(data.color_names) * len(data.shape_names)
+    assert {(c, s) for c, s, _ in grid} == {
+        (c, s) for c in range(len(data.color_names)) for s in range(len(data.shape_names))
+    }
+    assert all(c != b for c, _, b in grid)
+
+
+def test_accuracy_counts_each_attribute():
+    verdicts = [Verdict(0, 1, 2), Verdict(0, 0, 2)]
+    scores = accuracy(verdicts, [(0, 1, 2), (1, 1, 2)])
+    assert scores == {"color": 0.5, "shape": 0.5, "background": 1.0, "all": 0.5}
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_writes_grids_and_scores(tmp_path):
+    out = tmp_path / "out"
+    result = demo.main([
+        "--ae_steps", "2", "--ldm_steps", "2", "--logdir", str(tmp_path / "logs"),
+        "--outdir", str(out), "--n_per_prompt", "1", "--eval_steps", "3",
+    ])  # fmt: skip
+    assert (out / "samples.png").is_file() and (out / "captions.txt").is_file()
+    saved = json.loads((out / "demo.json").read_text())
+    assert saved == result and saved["n_images"] == 24
+    assert {"color", "shape", "background", "all", "training_minutes"} <= set(saved)
