@@ -13,6 +13,7 @@ import glob
 import logging
 import os
 import sys
+import warnings
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
@@ -39,6 +40,12 @@ TRAINER_FLAGS = (
     "num_nodes", "strategy",
 )  # fmt: skip
 DEFAULT_LOGGER = {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"name": "csv"}}
+# Lightning warnings about what is here by design: the frozen first and condition stages stay
+# in eval mode, and the autoencoder's checkpoints hold the state after its (manual) step.
+EXPECTED_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",
+    r"Using ModelCheckpoint with manual optimization",
+)
 
 
 def str2bool(value: str) -> bool:
@@ -196,6 +203,8 @@ def finetune_from(model, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> pl.Trainer:
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     opt, overrides = get_parser().parse_known_args(argv)
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     logdir, resume_ckpt, files = make_run_dirs(opt, now)

@@ -14,7 +14,7 @@ setup(
         "einops",
         "transformers>=5.6",
         "safetensors",
-        "open_clip_torch>=2.20",
+        "open_clip_torch>=3.0",
         "ftfy",
         "wandb",
         "tqdm",

@@ -1,6 +1,7 @@
 """Score prompt adherence of a model trained on the synthetic shapes; print the result as JSON.
 
     python scripts/evaluate.py --logdir logs/<run> [--n_per_prompt 4] [--steps 50] [--scale 3]
+    python scripts/evaluate.py --logdir logs/<run> --curve     # every saved checkpoint
 
 Each (colour, shape) pair of the data set is prompted `n_per_prompt` times on a random other
 background; the judge (`ldm.evaluation.judge`) reads colour, shape and background off each
@@ -36,6 +37,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--outdir", default="outputs/evaluate")
+    parser.add_argument(
+        "--curve", action="store_true",
+        help="score every step checkpoint of the run: accuracy against training minutes",
+    )  # fmt: skip
     return parser
 
 
@@ -48,28 +53,47 @@ def evaluate(model, data: SyntheticShapes, n_per_prompt: int, steps: int, scale:
     return accuracy(verdicts, labels), images, captions, labels
 
 
-def main(argv: list[str] | None = None) -> dict:
-    opt = get_parser().parse_args(argv)
+def score_checkpoint(opt, ckpt: Path | None, outdir: Path) -> dict:
+    """Scores of one checkpoint of the run; its sample grid and captions go to `outdir`."""
     start = time.time()
-    model, config = load_run(opt.logdir, opt.ckpt)
+    model, config = load_run(opt.logdir, ckpt)
     data = instantiate_from_config(config.data.params.train)
     if not isinstance(data, SyntheticShapes):
-        sys.exit(
-            f"evaluate.py: {opt.logdir} was trained on {type(data).__name__}, not SyntheticShapes"
-        )
+        sys.exit(f"evaluate.py: {opt.logdir} trained on {type(data).__name__}, not SyntheticShapes")
     scores, images, captions, _ = evaluate(
         model, data, opt.n_per_prompt, opt.steps, opt.scale, opt.seed
     )
-    outdir = Path(opt.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_uint8_grid(images, nrow=opt.n_per_prompt)).save(outdir / "samples.png")
     (outdir / "captions.txt").write_text("\n".join(captions) + "\n")
-    result = {
+    return {
         **scores, "n_images": len(captions), "steps": opt.steps, "scale": opt.scale,
         "seconds": round(time.time() - start, 1), "logdir": str(opt.logdir),
     }  # fmt: skip
-    (outdir / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+
+
+def training_curve(opt) -> list[dict]:
+    """Scores of every `epoch=...-step=...` checkpoint, with minutes since the run started."""
+    logdir = Path(opt.logdir)
+    started = min(p.stat().st_mtime for p in (logdir / "configs").glob("*.yaml"))
+    curve = []
+    for ckpt in sorted((logdir / "checkpoints").glob("*step=*.ckpt")):
+        step = int(ckpt.stem.rsplit("step=", 1)[1])
+        minutes = round((ckpt.stat().st_mtime - started) / 60, 1)
+        scores = score_checkpoint(opt, ckpt, Path(opt.outdir) / f"step-{step:06}")
+        curve.append({"step": step, "minutes": minutes, **scores})
+        print(json.dumps(curve[-1]))
+    return curve
+
+
+def main(argv: list[str] | None = None) -> dict | list[dict]:
+    opt = get_parser().parse_args(argv)
+    result = training_curve(opt) if opt.curve else score_checkpoint(opt, opt.ckpt, Path(opt.outdir))
+    Path(opt.outdir).mkdir(parents=True, exist_ok=True)
+    name = "curve.json" if opt.curve else "accuracy.json"
+    (Path(opt.outdir) / name).write_text(json.dumps(result, indent=2) + "\n")
+    if not opt.curve:
+        print(json.dumps(result))
     return result
 
 

@@ -223,3 +223,29 @@ def test_bad_model_params_are_named(params, message):
 def test_unknown_model_param_is_named():
     with pytest.raises(ConfigError, match="ucg_trainnig"):
         build("tiny/txt2img.yaml", ucg_trainnig=0.1)
+
+
+def test_validation_loss_uses_fixed_noise_and_leaves_the_rng_alone(tiny):
+    tiny.eval()
+    batch = tiny_batch()
+    state = torch.get_rng_state()
+    first = tiny.evaluation_loss(batch, 0, "val")
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.randn(100)  # whatever the training stream did in between
+    assert tiny.evaluation_loss(batch, 0, "val") == first
+    assert tiny.evaluation_loss(batch, 1, "val") != first
+    assert set(first) == {"val/loss_simple", "val/loss_vlb", "val/loss"}
+
+
+def test_caption_dropout_replaces_captions_only_in_training():
+    model = build("tiny/txt2img.yaml", ucg_training={"txt": {"p": 1.0, "val": ""}})
+    batch = tiny_batch()
+    model.train()
+    _, c_train = model.get_input(batch)
+    _, c_empty = model.get_input({**batch, "caption": [""] * 4})
+    torch.testing.assert_close(c_train, c_empty)
+    model.eval()
+    _, c_eval = model.get_input(batch)
+    assert not torch.allclose(c_eval, c_empty)
+    with pytest.raises(ValueError, match="ucg_training.caption"):
+        build("tiny/txt2img.yaml", ucg_training={"caption": {"p": 2.0}})

@@ -66,3 +66,22 @@ def test_demo_runs_end_to_end_and_writes_grids_and_scores(tmp_path):
     saved = json.loads((out / "demo.json").read_text())
     assert saved == result and saved["n_images"] == 24
     assert {"color", "shape", "background", "all", "training_minutes"} <= set(saved)
+
+
+@pytest.mark.slow
+def test_curve_scores_every_step_checkpoint(tmp_path):
+    import main
+    from scripts import evaluate
+
+    trainer = main.main([
+        "--base", "configs/tiny/txt2img.yaml", "-t", "-l", str(tmp_path / "logs"),
+        "--max_steps", "2", "data.params.batch_size=4", "data.params.num_workers=0",
+        "lightning.modelcheckpoint.params.every_n_train_steps=1",
+    ])  # fmt: skip
+    curve = evaluate.main([
+        "--logdir", trainer.default_root_dir, "--curve", "--n_per_prompt", "1", "--steps", "2",
+        "--outdir", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert [point["step"] for point in curve] == [1, 2]
+    assert all(point["minutes"] >= 0 and 0 <= point["all"] <= 1 for point in curve)
+    assert (tmp_path / "out" / "step-000002" / "samples.png").is_file()

@@ -168,3 +168,19 @@ def test_two_process_ddp_on_cpu(tmp_path):
     (logdir,) = logdirs(tmp_path)
     checkpoint = torch.load(logdir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_wandb_logs_offline_with_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    wandb = [
+        "lightning.logger.target=pytorch_lightning.loggers.WandbLogger",
+        "lightning.logger.params.offline=true", "lightning.logger.params.project=ldm-test",
+        "lightning.callbacks.image_logger.params.batch_frequency=1",
+    ]  # fmt: skip
+    trainer = run(tmp_path, "txt2img.yaml", "-t", "--max_steps", "1", *wandb)
+    (logdir,) = logdirs(tmp_path)
+    assert list(logdir.glob("wandb/offline-run-*"))
+    assert list((logdir / "images" / "train").glob("samples_cfg3_*.png"))
+    trainer.logger.experiment.finish()

@@ -144,11 +144,6 @@ class TextModelWrapper(nn.Module):
         return self.text_model(**kwargs)
 
 
-def wrap_text_model(model: CLIPTextModel) -> nn.Module:
-    """A module whose keys start `text_model.`; older transformers already nest it that way."""
-    return model if hasattr(model, "text_model") else TextModelWrapper(model)
-
-
 def make_clip_text_model(version: str) -> tuple[CLIPTextModel, str | None]:
     """(random-weight or locally saved CLIPTextModel, directory to read a tokenizer from)."""
     if version in CLIP_CONFIGS:
@@ -221,7 +216,7 @@ class FrozenCLIPEmbedder(FrozenEncoder):
                 f"{config.max_position_embeddings} (the model's position embeddings)"
             )
         self.max_length = max_length
-        self.transformer = wrap_text_model(text_model)
+        self.transformer = TextModelWrapper(text_model)
         if freeze:
             self.freeze()
 
@@ -358,12 +353,7 @@ class FrozenOpenCLIPEmbedder(FrozenEncoder):
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Run the residual blocks on `(B, L, D)`, skipping the last `layer_idx` of them."""
-        transformer = self.model.transformer
-        # open_clip >= 2.2x runs batch first; older releases expect (L, B, D).
-        batch_first = getattr(transformer, "batch_first", False)
-        if not batch_first:
-            x = x.transpose(0, 1)  # (L, B, D)
-        blocks = transformer.resblocks
+        blocks = self.model.transformer.resblocks  # batch first in open_clip >= 3
         for block in blocks[: len(blocks) - self.layer_idx]:
             x = block(x, attn_mask=attn_mask)
-        return x if batch_first else x.transpose(0, 1)  # (B, L, D)
+        return x  # (B, L, D)
