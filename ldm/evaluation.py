@@ -1,8 +1,11 @@
 """Prompt adherence on the synthetic shapes: generate for known prompts, judge by pixel statistics.
 
-The judge reads an image as the data set draws it: the background colour from the corner
-pixels, the shape's colour from the pixels that differ from it, and the shape by fitting each
-shape template to the foreground's bounding box and keeping the best overlap (IoU).
+The judge reads an image as the data set draws it. The background is the palette colour
+nearest the corners' median; the shape is the largest connected region of pixels that are far
+from that colour and nearer another palette colour; its colour is the most common palette label
+inside the region, and its shape the template that best overlaps (IoU) the region, fitted to
+its bounding box. One region and a vote over labels keep it robust to the blur, halos and
+stray specks of generated images.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ldm.data.synthetic import SyntheticShapes, draw_shape
 
 # A pixel belongs to the shape when it is this far (RGB distance) from the background colour.
 FOREGROUND_DISTANCE = 60.0
-# Fewer foreground pixels than this means no shape was drawn at all.
+# A region of fewer pixels than this means no shape was drawn at all.
 MIN_FOREGROUND = 4
 
 
@@ -30,16 +34,26 @@ class Verdict:
     background: int
 
 
-def nearest_color(rgb: np.ndarray, palette: np.ndarray) -> int:
-    """Index of the palette colour (n, 3) nearest to `rgb` (3,)."""
-    return int(np.argmin(((palette.astype(float) - rgb) ** 2).sum(axis=1)))
+def palette_labels(image: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(H, W) index of the palette colour (n, 3) nearest to each pixel of `image` (H, W, 3)."""
+    distances = ((image[..., None, :].astype(float) - palette.astype(float)) ** 2).sum(-1)
+    return distances.argmin(-1)
 
 
 def corner_pixels(image: np.ndarray, margin: int) -> np.ndarray:
-    """(4 margin², 3) pixels of the four corner squares, which the data set keeps background."""
+    """The pixels (or labels) of the four corner squares, which the data set keeps background."""
     m = margin
-    corners = [image[:m, :m], image[:m, -m:], image[-m:, :m], image[-m:, -m:]]
-    return np.concatenate([c.reshape(-1, 3) for c in corners]).astype(float)
+    corners = (image[:m, :m], image[:m, -m:], image[-m:, :m], image[-m:, -m:])
+    return np.concatenate([c.reshape(m * m, *image.shape[2:]) for c in corners])
+
+
+def largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask."""
+    regions, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = ndimage.sum(mask, regions, index=range(1, count + 1))
+    return regions == 1 + int(np.argmax(sizes))
 
 
 def fit_shape(mask: np.ndarray, shape_names: list[str]) -> int:
@@ -58,15 +72,15 @@ def fit_shape(mask: np.ndarray, shape_names: list[str]) -> int:
 
 def judge(image: np.ndarray, data: SyntheticShapes) -> Verdict:
     """Read (colour, shape, background) off a uint8 (H, W, 3) image in the data set's style."""
-    palette = data.color_values
-    background_rgb = np.median(corner_pixels(image, data.margin), axis=0)
-    background = nearest_color(background_rgb, palette)
-    distance = np.sqrt(((image.astype(float) - background_rgb) ** 2).sum(axis=-1))  # (H, W)
-    mask = distance > FOREGROUND_DISTANCE
-    if mask.sum() < MIN_FOREGROUND:
+    labels = palette_labels(image, data.color_values)  # (H, W)
+    background_rgb = np.median(corner_pixels(image, data.margin).astype(float), axis=0)
+    background = int(palette_labels(background_rgb[None, None], data.color_values)[0, 0])
+    distance = np.sqrt(((image.astype(float) - background_rgb) ** 2).sum(-1))  # (H, W)
+    region = largest_region((distance > FOREGROUND_DISTANCE) & (labels != background))
+    if region.sum() < MIN_FOREGROUND:
         return Verdict(-1, -1, background)
-    color = nearest_color(np.median(image[mask].astype(float), axis=0), palette)
-    return Verdict(color, fit_shape(mask, data.shape_names), background)
+    color = int(np.bincount(labels[region]).argmax())
+    return Verdict(color, fit_shape(region, data.shape_names), background)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
