@@ -16,6 +16,8 @@ setup(
         "safetensors",
         "open_clip_torch>=3.0",
         "ftfy",
+        "webdataset",
+        "scipy",
         "wandb",
         "tqdm",
         "Pillow",
