@@ -165,8 +165,13 @@ def original_sample(
     return x, intermediates
 
 
-class DDIMSampler:
-    """The original CompVis `DDIMSampler` API over `sample_ddim` (no math here)."""
+class OriginalSampler:
+    """The CompVis sampler API (`make_schedule`, `sample`) over a sampler function `sample_fn`.
+
+    Subclasses name the function and the keyword arguments it takes besides the shared ones.
+    """
+
+    sample_fn: Callable
 
     def __init__(self, model, schedule: str = "linear", device=None):
         self.model = model
@@ -183,6 +188,10 @@ class DDIMSampler:
         self.ddim_alphas, self.ddim_alphas_prev = a_t.flip(0), a_prev.flip(0)
         self.ddim_sigmas = ddim_sigma(self.ddim_alphas, self.ddim_alphas_prev, ddim_eta)
 
+    def sample_fn_kwargs(self, eta: float, generator: torch.Generator | None) -> dict:
+        """What `sample_fn` takes beyond the shared arguments."""
+        return {}
+
     @torch.no_grad()
     def sample(
         self, S: int, batch_size: int, shape, conditioning=None, callback=None,
@@ -195,15 +204,24 @@ class DDIMSampler:
         The original's other options (mask, x0, quantize_x0, temperature, noise_dropout,
         score_corrector, ...) are accepted at their defaults only.
         """
-        reject_unsupported("DDIMSampler.sample", **kwargs)
+        reject_unsupported(f"{type(self).__name__}.sample", **kwargs)
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
         guidance = (conditioning, unconditional_conditioning, unconditional_guidance_scale)
         x = start_noise(x_T, (batch_size, *shape), self.model.device, generator)
         return original_sample(
-            sample_ddim, self.model, self.timesteps, x, guidance, callback=callback,
-            img_callback=img_callback, log_every_t=log_every_t, verbose=verbose, eta=eta,
-            generator=generator,
+            type(self).sample_fn, self.model, self.timesteps, x, guidance, callback=callback,
+            img_callback=img_callback, log_every_t=log_every_t, verbose=verbose,
+            **self.sample_fn_kwargs(eta, generator),
         )  # fmt: skip
+
+
+class DDIMSampler(OriginalSampler):
+    """The original CompVis `DDIMSampler` API over `sample_ddim` (no math here)."""
+
+    sample_fn = staticmethod(sample_ddim)
+
+    def sample_fn_kwargs(self, eta: float, generator: torch.Generator | None) -> dict:
+        return {"eta": eta, "generator": generator}
 
     @torch.no_grad()
     def stochastic_encode(

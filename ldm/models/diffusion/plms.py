@@ -15,14 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import (
-    alphas_along,
-    ddim_step,
-    make_ddim_timesteps,
-    original_sample,
-    reject_unsupported,
-    start_noise,
-)
+from ldm.models.diffusion.ddim import OriginalSampler, alphas_along, ddim_step
 from ldm.models.diffusion.guidance import EpsFn
 
 # Adams-Bashforth (numerators newest first, denominator) by the number of past eps used.
@@ -76,11 +69,10 @@ def sample_plms(
     return x
 
 
-class PLMSSampler:
+class PLMSSampler(OriginalSampler):
     """The original CompVis `PLMSSampler` API over `sample_plms` (no math here)."""
 
-    def __init__(self, model, schedule: str = "linear", device=None):
-        self.model = model
+    sample_fn = staticmethod(sample_plms)
 
     def make_schedule(
         self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
@@ -89,26 +81,4 @@ class PLMSSampler:
         """Pick the timesteps as DDIM does; PLMS is deterministic, so eta must be 0."""
         if ddim_eta != 0:
             raise ValueError(f"PLMSSampler: ddim_eta must be 0 for PLMS, got {ddim_eta}")
-        steps, num_train = ddim_num_steps, self.model.num_timesteps
-        self.timesteps = make_ddim_timesteps(steps, num_train, ddim_discretize)  # (S,) descending
-        self.ddim_timesteps = self.timesteps.flip(0).numpy()
-
-    @torch.no_grad()
-    def sample(
-        self, S: int, batch_size: int, shape, conditioning=None, callback=None,
-        img_callback=None, eta: float = 0.0, verbose: bool = True, x_T=None,
-        log_every_t: int = 100, unconditional_guidance_scale: float = 1.0,
-        unconditional_conditioning=None, generator: torch.Generator | None = None, **kwargs,
-    ) -> tuple[Tensor, dict]:  # fmt: skip
-        """(samples (B, *shape), {"x_inter": [...], "pred_x0": [...]}) from x_T or fresh noise.
-
-        The original's other options are accepted at their defaults only, as in DDIMSampler.
-        """
-        reject_unsupported("PLMSSampler.sample", **kwargs)
-        self.make_schedule(S, ddim_eta=eta, verbose=verbose)
-        guidance = (conditioning, unconditional_conditioning, unconditional_guidance_scale)
-        x = start_noise(x_T, (batch_size, *shape), self.model.device, generator)
-        return original_sample(
-            sample_plms, self.model, self.timesteps, x, guidance, callback=callback,
-            img_callback=img_callback, log_every_t=log_every_t, verbose=verbose,
-        )  # fmt: skip
+        super().make_schedule(ddim_num_steps, ddim_discretize, ddim_eta, verbose)
