@@ -165,7 +165,7 @@ def set_learning_rate(model, config: DictConfig, kwargs: dict, scale: bool) -> N
     )  # fmt: skip
 
 
-def make_callbacks(opt, now, logdir, config, lightning_config, model) -> list[pl.Callback]:
+def make_callbacks(now, logdir, config, lightning_config) -> list[pl.Callback]:
     ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
     checkpoint_params = {
         "dirpath": ckptdir, "filename": "{epoch:06}-{step:09}", "save_last": True,
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     trainer = pl.Trainer(
         **kwargs,
         logger=make_logger(logdir, lightning_config),
-        callbacks=make_callbacks(opt, now, logdir, config, lightning_config, model),
+        callbacks=make_callbacks(now, logdir, config, lightning_config),
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # our samplers split data across ranks themselves
         default_root_dir=logdir,

@@ -9,8 +9,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ldm.util import instantiate_from_config
 
 # Keys that original SD files carry and current libraries no longer keep in their state dicts.
 LEGACY_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
@@ -130,10 +133,6 @@ def save_checkpoint(
 
 def load_run(logdir: str | os.PathLike, ckpt: str | os.PathLike | None = None):
     """(model, config) of a `main.py` run: its saved config, weights from `ckpt` or last.ckpt."""
-    from omegaconf import OmegaConf
-
-    from ldm.util import instantiate_from_config
-
     logdir = Path(logdir)
     configs = sorted((logdir / "configs").glob("*-project.yaml"))
     if not configs:

@@ -7,6 +7,8 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+from einops import rearrange
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # Config values the original repository uses in place of a `target:` to mean "no model here".
@@ -109,3 +111,10 @@ def instantiate_from_config(config: Any) -> Any:
 def count_params(model: Any) -> int:
     """Number of parameters of an nn.Module."""
     return sum(p.numel() for p in model.parameters())
+
+
+def channels_first(images: torch.Tensor) -> torch.Tensor:
+    """Batch images (B, H, W, C), or (B, H, W) as C = 1, as float contiguous (B, C, H, W)."""
+    if images.ndim == 3:
+        images = images[..., None]
+    return rearrange(images, "b h w c -> b c h w").contiguous().float()

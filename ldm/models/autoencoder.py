@@ -12,13 +12,12 @@ from collections.abc import Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
-from einops import rearrange
 from torch import nn
 
 from ldm.checkpoint import CheckpointError, load_weights
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import instantiate_from_config
+from ldm.util import channels_first, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +100,7 @@ class AutoencoderKL(pl.LightningModule):
 
     def get_input(self, batch: Mapping, k: str) -> torch.Tensor:
         """Images (B, H, W, C) of the batch as float, contiguous (B, C, H, W); (B, H, W) as C=1."""
-        x = batch[k]
-        if x.ndim == 3:
-            x = x[..., None]
-        return rearrange(x, "b h w c -> b c h w").contiguous().float()
+        return channels_first(batch[k])
 
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's last weight, against which the loss balances its adversarial term."""

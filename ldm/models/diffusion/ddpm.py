@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from ldm.checkpoint import load_weights
@@ -23,7 +22,7 @@ from ldm.models.diffusion.ddim import make_ddim_timesteps, sample_ddim
 from ldm.models.diffusion.guidance import cfg_eps_fn
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.util import instantiate_from_config
+from ldm.util import channels_first, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +173,7 @@ class DDPM(pl.LightningModule):
 
     def get_input(self, batch: Mapping, key: str) -> torch.Tensor:
         """Images (B, H, W, C) in [-1, 1] from the batch as float (B, C, H, W)."""
-        x = batch_item(batch, key)
-        if x.ndim == 3:
-            x = x[..., None]
-        return rearrange(x, "b h w c -> b c h w").contiguous().float()
+        return channels_first(batch_item(batch, key))
 
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         """The UNet's prediction at (x_t, t); cond: a tensor, a list, or {c_concat, c_crossattn}."""
