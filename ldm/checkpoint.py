@@ -69,28 +69,16 @@ def _listing(title: str, keys: list, limit: int = 20) -> str:
     return f"{title} ({len(keys)}): {', '.join(keys[:limit])}{more}"
 
 
-def load_weights(
-    module: nn.Module,
-    source: str | os.PathLike | Mapping,
-    *,
-    ignore_keys: Iterable[str] = (),
-    strict: bool = True,
-    unsafe_pickle: bool = False,
-) -> tuple[list, list]:
-    """Load a file or state dict into a fully built `module`; report bad keys by name.
+def fitting_state_dict(
+    module: nn.Module, state_dict: Mapping, *, strict: bool = True, name: str = "state dict"
+) -> tuple[dict, list, list]:
+    """(the entries of `state_dict` that `module` takes, missing keys, unexpected keys).
 
-    Shape mismatches are always an error. With `strict`, missing and unexpected keys are too;
-    otherwise they are returned as (missing, unexpected). Keys the original files carry that
-    the module has no place for are dropped quietly: LEGACY_KEYS, and the `model_ema.*` copy
-    when the module keeps no EMA.
+    Shape mismatches are always an error. With `strict`, missing and unexpected keys are too.
+    Keys the original files carry that the module has no place for are dropped quietly:
+    LEGACY_KEYS, and the `model_ema.*` copy when the module keeps no EMA. Only shapes are
+    read from `module`, so a module on the meta device checks a file without loading it.
     """
-    name = str(source) if not isinstance(source, Mapping) else "state dict"
-    state_dict = (
-        source
-        if isinstance(source, Mapping)
-        else read_state_dict(source, unsafe_pickle=unsafe_pickle)
-    )
-    state_dict = filter_keys(state_dict, ignore_keys)
     expected = module.state_dict()
     has_ema = any(k.startswith(EMA_PREFIX) for k in expected)
     state_dict = {
@@ -107,7 +95,30 @@ def load_weights(
         raise CheckpointError(
             f"{name} does not fit {type(module).__name__}: " + "; ".join(problems)
         )
-    module.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
+    return {k: v for k, v in state_dict.items() if k in expected}, missing, unexpected
+
+
+def load_weights(
+    module: nn.Module,
+    source: str | os.PathLike | Mapping,
+    *,
+    ignore_keys: Iterable[str] = (),
+    strict: bool = True,
+    unsafe_pickle: bool = False,
+) -> tuple[list, list]:
+    """Load a file or state dict into a fully built `module`; report bad keys by name.
+
+    The checks are `fitting_state_dict`'s. Returns (missing, unexpected) keys.
+    """
+    name = str(source) if not isinstance(source, Mapping) else "state dict"
+    state_dict = (
+        source
+        if isinstance(source, Mapping)
+        else read_state_dict(source, unsafe_pickle=unsafe_pickle)
+    )
+    state_dict = filter_keys(state_dict, ignore_keys)
+    fitting, missing, unexpected = fitting_state_dict(module, state_dict, strict=strict, name=name)
+    module.load_state_dict(fitting, strict=False)
     return missing, unexpected
 
 

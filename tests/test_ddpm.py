@@ -11,6 +11,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ldm.models.diffusion import schedule
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -205,6 +206,21 @@ def test_scale_by_std_sets_unit_variance_latents_on_first_batch():
     assert "scale_factor" in model.state_dict()
 
 
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_min_snr_gamma_weights_each_sample_of_the_loss(parameterization):
+    plain = build("tiny/txt2img.yaml", parameterization=parameterization)
+    weighted = build("tiny/txt2img.yaml", parameterization=parameterization, min_snr_gamma=5.0)
+    weighted.load_state_dict(plain.state_dict())
+    z, c = plain.get_input(tiny_batch(1))
+    expected = schedule.min_snr_weights(plain.alphas_cumprod, parameterization, 5.0)
+    for t in (20, 500, 980):
+        t, noise = torch.tensor([t]), torch.randn_like(z)
+        loss, logs = plain.p_losses(z, c, t, noise)
+        loss_w, logs_w = weighted.p_losses(z, c, t, noise)
+        torch.testing.assert_close(loss_w, expected[t[0]] * loss)
+        torch.testing.assert_close(logs_w["train/loss_simple"], logs["train/loss_simple"])
+
+
 @pytest.mark.parametrize(
     "params,message",
     [
@@ -213,6 +229,7 @@ def test_scale_by_std_sets_unit_variance_latents_on_first_batch():
         ({"conditioning_key": "film"}, "conditioning_key 'film'"),
         ({"beta_schedule": "quadratic"}, "beta_schedule 'quadratic'"),
         ({"num_timesteps_cond": 10}, "num_timesteps_cond"),
+        ({"min_snr_gamma": -1}, "min_snr_gamma=-1"),
     ],
 )
 def test_bad_model_params_are_named(params, message):

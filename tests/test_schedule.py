@@ -123,3 +123,52 @@ def test_vlb_weights_agree_across_parameterizations(parameterization):
 def test_snr_falls_with_t():
     snr = schedule.snr(sd_alphas_cumprod())
     assert (snr.diff() < 0).all()
+
+
+SNRS = torch.tensor([0.5, 1.0, 5.0, 20.0], dtype=torch.float64)
+MIN_SNR_EXPECTED = {
+    "eps": [1.0, 1.0, 1.0, 0.25],  # min(SNR, 5) / SNR
+    "x0": [0.5, 1.0, 5.0, 5.0],  # min(SNR, 5)
+    "v": [0.5 / 1.5, 0.5, 5 / 6, 5 / 21],  # min(SNR, 5) / (SNR + 1)
+}
+
+
+@pytest.mark.parametrize("parameterization", list(MIN_SNR_EXPECTED))
+def test_min_snr_weights_at_known_snrs(parameterization):
+    alphas_cumprod = SNRS / (1 + SNRS)
+    weights = schedule.min_snr_weights(alphas_cumprod, parameterization, gamma=5.0)
+    expected = torch.tensor(MIN_SNR_EXPECTED[parameterization])
+    torch.testing.assert_close(weights, expected)
+
+
+def test_min_snr_weighted_losses_are_the_same_x0_loss_for_every_target():
+    """w_eps |eps err|^2 = w_v |v err|^2 = w_x0 |x0 err|^2 = min(SNR, gamma) |x0 err|^2."""
+    alphas_cumprod = sd_alphas_cumprod()
+    t = torch.tensor([5, 300, 700, 990])
+    x0, eps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    x_t = schedule.q_sample(x0, t, eps, alphas_cumprod)
+    x0_hat = x0 + 0.1 * torch.randn_like(x0)  # some model's estimate
+    estimates = {
+        "x0": (x0_hat, x0),
+        "eps": (schedule.eps_from_x0(x_t, t, x0_hat, alphas_cumprod), eps),
+        "v": (
+            schedule.v_from_eps(x0_hat, t, schedule.eps_from_x0(x_t, t, x0_hat, alphas_cumprod),
+                                alphas_cumprod),
+            schedule.v_from_eps(x0, t, eps, alphas_cumprod),
+        ),
+    }  # fmt: skip
+    losses = {}
+    for name, (prediction, target) in estimates.items():
+        weights = schedule.min_snr_weights(alphas_cumprod, name, gamma=5.0)[t]
+        losses[name] = weights * ((prediction - target) ** 2).mean(dim=(1, 2, 3))
+    x0_loss = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))
+    expected = schedule.snr(alphas_cumprod)[t].clamp(max=5.0) * x0_loss
+    for name, loss in losses.items():
+        torch.testing.assert_close(loss, expected, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_min_snr_rejects_bad_input():
+    with pytest.raises(ValueError, match="min_snr_gamma=0"):
+        schedule.min_snr_weights(sd_alphas_cumprod(), "eps", 0.0)
+    with pytest.raises(ValueError, match="'sample'"):
+        schedule.min_snr_weights(sd_alphas_cumprod(), "sample", 5.0)

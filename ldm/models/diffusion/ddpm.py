@@ -101,6 +101,7 @@ class DDPM(pl.LightningModule):
         scheduler_config: Mapping | None = None,
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
+        min_snr_gamma: float | None = None,
     ):
         super().__init__()
         if parameterization not in schedule.PARAMETERIZATIONS:
@@ -125,6 +126,10 @@ class DDPM(pl.LightningModule):
             )
         )
         self.register_schedule(betas, v_posterior)
+        weights = torch.ones(self.num_timesteps)
+        if min_snr_gamma is not None:
+            weights = schedule.min_snr_weights(self.alphas_cumprod, parameterization, min_snr_gamma)
+        self.register_buffer("loss_weights", weights, persistent=False)
         logvar = torch.full((self.num_timesteps,), float(logvar_init))
         self.learn_logvar = learn_logvar
         if learn_logvar:
@@ -191,7 +196,8 @@ class DDPM(pl.LightningModule):
         loss_simple = LOSSES[self.loss_type](prediction, target, reduction="none")
         loss_simple = loss_simple.mean(dim=tuple(range(1, x0.ndim)))  # (B,)
         logvar_t = self.logvar[t]
-        loss = self.l_simple_weight * (loss_simple / logvar_t.exp() + logvar_t).mean()
+        weighted = self.loss_weights[t] * loss_simple  # Min-SNR-gamma, or 1
+        loss = self.l_simple_weight * (weighted / logvar_t.exp() + logvar_t).mean()
         loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
         loss = loss + self.original_elbo_weight * loss_vlb
         prefix = prefix or ("train" if self.training else "val")

@@ -138,3 +138,23 @@ def training_target(parameterization: str, x0, t, eps, alphas_cumprod) -> torch.
 def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio a / (1 - a) per timestep (Kingma et al. 2021)."""
     return alphas_cumprod / (1 - alphas_cumprod)
+
+
+def min_snr_weights(
+    alphas_cumprod: torch.Tensor, parameterization: str, gamma: float
+) -> torch.Tensor:
+    """(T,) Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via
+    Min-SNR Weighting Strategy"): min(SNR, gamma) in x0 terms, rescaled to each target.
+
+    eps: min(SNR, gamma) / SNR; x0: min(SNR, gamma); v: min(SNR, gamma) / (SNR + 1).
+    """
+    if gamma <= 0:
+        raise ValueError(f"min_snr_gamma={gamma}; expected a positive number (5 in the paper)")
+    ratio = snr(alphas_cumprod.double())
+    clipped = ratio.clamp(max=gamma)
+    per_target = {"eps": clipped / ratio, "x0": clipped, "v": clipped / (ratio + 1)}
+    if parameterization not in per_target:
+        raise ValueError(
+            f"parameterization {parameterization!r}; expected one of {list(per_target)}"
+        )
+    return per_target[parameterization].float()

@@ -1,0 +1,94 @@
+"""Export a trained model as one original-layout Stable Diffusion file.
+
+    python scripts/convert.py --ckpt logs/<run> --out model.safetensors --use_ema --drop_ema --half
+
+The result has the key layout of the original SD `.ckpt` / `.safetensors` files, which
+diffusers' single-file loader, ComfyUI and AUTOMATIC1111 read: `.safetensors` is flat, `.ckpt`
+holds the tensors under "state_dict". Training state (optimizer, schedulers, RNG) is left out.
+When a config is known (a log dir's own, or --config) the file is checked key for key against
+the model it describes before it is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm import inference  # noqa: E402
+from ldm.checkpoint import CheckpointError, describe_mismatch, read_state_dict, save_checkpoint  # noqa: E402
+from ldm.util import instantiate_from_config  # noqa: E402
+
+SUFFIXES = (".safetensors", ".ckpt")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add("--ckpt", required=True, help="a main.py log dir, or a checkpoint (.ckpt / .safetensors)")
+    add("--out", required=True, help="file to write: .safetensors or .ckpt")
+    add("--config", nargs="+", help="config to check the file against (default: the log dir's)")
+    add("--use_ema", action="store_true", help="put the EMA weights in place of the raw ones")
+    add("--drop_ema", action="store_true", help="leave out the model_ema.* copy")
+    add("--half", action="store_true", help="store floating-point tensors as fp16")
+    return parser
+
+
+def exported(state_dict: dict, use_ema: bool, drop_ema: bool, half: bool) -> dict:
+    """The state dict as the options ask: EMA swapped in or dropped, fp16 or as it was."""
+    if use_ema:
+        state_dict, has_ema = inference.swap_in_ema(state_dict)
+        if not has_ema:
+            raise CheckpointError("--use_ema: the checkpoint has no model_ema.* weights")
+    elif drop_ema:
+        state_dict = inference.drop_ema(state_dict)
+    if half:
+        state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+    return state_dict
+
+
+def check_against(config_paths: list, state_dict: dict) -> None:
+    """Raise CheckpointError unless `state_dict` has exactly the keys and shapes of the model."""
+    config = inference.inference_config(config_paths)
+    if "use_ema" in config.model.params:
+        config.model.params.use_ema = any(k.startswith("model_ema.") for k in state_dict)
+    with torch.device("meta"):
+        model = instantiate_from_config(config.model)
+    missing, unexpected, wrong_shape = describe_mismatch(model, state_dict)
+    problems = {"missing": missing, "unexpected": unexpected, "wrong shape": wrong_shape}
+    listed = "; ".join(f"{name}: {keys[:10]}" for name, keys in problems.items() if keys)
+    if listed:
+        raise CheckpointError(f"the export does not fit config {config_paths}: {listed}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opt = get_parser().parse_args(argv)
+    out = Path(opt.out)
+    if out.suffix not in SUFFIXES:
+        sys.exit(f"convert.py: --out {out}: expected a {' or '.join(SUFFIXES)} file name")
+    try:
+        run_configs, ckpt = inference.run_files(opt.ckpt)
+        configs = opt.config or run_configs
+        state_dict = exported(read_state_dict(ckpt), opt.use_ema, opt.drop_ema, opt.half)
+        if configs:
+            check_against(configs, state_dict)
+    except (OSError, ValueError, RuntimeError) as err:
+        sys.exit(f"convert.py: {err}")
+    save_checkpoint(state_dict, out)
+    summary = {
+        "out": str(out), "from": str(ckpt), "tensors": len(state_dict),
+        "ema": "swapped in" if opt.use_ema else "dropped" if opt.drop_ema else "kept as is",
+        "dtype": "fp16" if opt.half else "as trained", "checked": [str(c) for c in configs],
+        "megabytes": round(out.stat().st_size / 2**20, 1),
+    }  # fmt: skip
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
