@@ -98,13 +98,17 @@ def prompt_grid(data: SyntheticShapes, seed: int = 0) -> list[tuple[int, int, in
 
 
 @torch.no_grad()
-def generate(model, captions: list[str], steps: int, scale: float, seed: int) -> torch.Tensor:
+def generate(
+    model, captions: list[str], steps: int, scale: float, seed: int, eta: float = 0.0
+) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] for `captions`, from EMA weights, DDIM with guidance."""
     generator = torch.Generator(model.device).manual_seed(seed)
     with model.ema_scope():
         cond = model.get_learned_conditioning(captions)
         uncond = model.get_learned_conditioning([""] * len(captions))
-        latents = model.sample(cond, len(captions), steps, scale, uncond, generator=generator)
+        latents = model.sample(
+            cond, len(captions), steps, scale, uncond, eta=eta, generator=generator
+        )
         return model.decode_first_stage(latents)
 
 

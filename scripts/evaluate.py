@@ -1,6 +1,7 @@
 """Score prompt adherence of a model trained on the synthetic shapes; print the result as JSON.
 
     python scripts/evaluate.py --logdir logs/<run> [--n_per_prompt 4] [--steps 50] [--scale 3]
+    python scripts/evaluate.py --logdir logs/<run> --eta 0      # deterministic DDIM instead
     python scripts/evaluate.py --logdir logs/<run> --curve     # every saved checkpoint
 
 Each (colour, shape) pair of the data set is prompted `n_per_prompt` times on a random other
@@ -35,6 +36,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n_per_prompt", type=int, default=4)
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--eta", type=float, default=1.0,
+        help="DDIM eta: 1 adds DDPM's posterior noise each step (scores best here), 0 none",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--outdir", default="outputs/evaluate")
     parser.add_argument(
@@ -44,11 +49,11 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def evaluate(model, data: SyntheticShapes, n_per_prompt: int, steps: int, scale: float, seed: int):
+def evaluate(model, data: SyntheticShapes, opt):
     """(accuracies, generated images (N, 3, H, W), captions, labels) over the prompt grid."""
-    labels = [label for label in prompt_grid(data, seed) for _ in range(n_per_prompt)]
+    labels = [label for label in prompt_grid(data, opt.seed) for _ in range(opt.n_per_prompt)]
     captions = [data.caption(*label) for label in labels]
-    images = generate(model, captions, steps, scale, seed)
+    images = generate(model, captions, opt.steps, opt.scale, opt.seed, opt.eta)
     verdicts = [judge(image, data) for image in to_uint8(images)]
     return accuracy(verdicts, labels), images, captions, labels
 
@@ -60,14 +65,12 @@ def score_checkpoint(opt, ckpt: Path | None, outdir: Path) -> dict:
     data = instantiate_from_config(config.data.params.train)
     if not isinstance(data, SyntheticShapes):
         sys.exit(f"evaluate.py: {opt.logdir} trained on {type(data).__name__}, not SyntheticShapes")
-    scores, images, captions, _ = evaluate(
-        model, data, opt.n_per_prompt, opt.steps, opt.scale, opt.seed
-    )
+    scores, images, captions, _ = evaluate(model, data, opt)
     outdir.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_uint8_grid(images, nrow=opt.n_per_prompt)).save(outdir / "samples.png")
     (outdir / "captions.txt").write_text("\n".join(captions) + "\n")
     return {
-        **scores, "n_images": len(captions), "steps": opt.steps, "scale": opt.scale,
+        **scores, "n_images": len(captions), "steps": opt.steps, "scale": opt.scale, "eta": opt.eta,
         "seconds": round(time.time() - start, 1), "logdir": str(opt.logdir),
     }  # fmt: skip
 

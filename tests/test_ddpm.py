@@ -13,6 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.models.diffusion import schedule
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.noise import training_noise
 from ldm.util import ConfigError, instantiate_from_config
 
 SCHEDULE_BUFFERS = 12
@@ -208,7 +209,7 @@ def test_scale_by_std_sets_unit_variance_latents_on_first_batch():
 
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 def test_min_snr_gamma_weights_each_sample_of_the_loss(parameterization):
-    plain = build("tiny/txt2img.yaml", parameterization=parameterization)
+    plain = build("tiny/txt2img.yaml", parameterization=parameterization, min_snr_gamma=None)
     weighted = build("tiny/txt2img.yaml", parameterization=parameterization, min_snr_gamma=5.0)
     weighted.load_state_dict(plain.state_dict())
     z, c = plain.get_input(tiny_batch(1))
@@ -219,6 +220,17 @@ def test_min_snr_gamma_weights_each_sample_of_the_loss(parameterization):
         loss_w, logs_w = weighted.p_losses(z, c, t, noise)
         torch.testing.assert_close(loss_w, expected[t[0]] * loss)
         torch.testing.assert_close(logs_w["train/loss_simple"], logs["train/loss_simple"])
+
+
+def test_noise_options_shape_the_training_noise():
+    model = build("tiny/txt2img.yaml", offset_noise_strength=0.1, immiscible=True)
+    z, c = model.get_input(tiny_batch())
+    t = torch.tensor([10, 200, 500, 900])
+    torch.manual_seed(5)
+    loss, _ = model.p_losses(z, c, t)
+    torch.manual_seed(5)
+    expected, _ = model.p_losses(z, c, t, training_noise(z, 0.1, immiscible=True))
+    torch.testing.assert_close(loss, expected)
 
 
 @pytest.mark.parametrize(

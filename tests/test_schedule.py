@@ -172,3 +172,30 @@ def test_min_snr_rejects_bad_input():
         schedule.min_snr_weights(sd_alphas_cumprod(), "eps", 0.0)
     with pytest.raises(ValueError, match="'sample'"):
         schedule.min_snr_weights(sd_alphas_cumprod(), "sample", 5.0)
+
+
+def test_sigmoid_schedule_follows_its_closed_form():
+    n, start, end, tau = 1000, -3.0, 3.0, 0.7
+    betas = schedule.make_beta_schedule(
+        "sigmoid", n, SD_START, SD_END, sigmoid_start=start, sigmoid_end=end, sigmoid_tau=tau
+    )
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    t = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+
+    def sig(v):
+        return 1 / (1 + torch.exp(-torch.as_tensor(v, dtype=torch.float64)))
+
+    expected = (sig(end / tau) - sig((t * (end - start) + start) / tau)) / (
+        sig(end / tau) - sig(start / tau)
+    )
+    torch.testing.assert_close(alphas_cumprod[(t * n).long() - 1], expected)
+    assert (betas > 0).all() and (betas <= schedule.MAX_BETA).all()
+    with pytest.raises(ValueError, match="sigmoid_start < sigmoid_end"):
+        schedule.make_beta_schedule("sigmoid", n, SD_START, SD_END, sigmoid_start=3.0)
+
+
+def test_scaled_linear_is_sds_linear():
+    linear = schedule.make_beta_schedule("linear", T, SD_START, SD_END)
+    torch.testing.assert_close(
+        schedule.make_beta_schedule("scaled_linear", T, SD_START, SD_END), linear
+    )

@@ -20,6 +20,7 @@ from ldm.checkpoint import load_weights
 from ldm.models.diffusion import schedule
 from ldm.models.diffusion.ddim import make_ddim_timesteps, sample_ddim
 from ldm.models.diffusion.guidance import cfg_eps_fn
+from ldm.models.diffusion.noise import training_noise
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import channels_first, instantiate_from_config
@@ -92,6 +93,9 @@ class DDPM(pl.LightningModule):
         linear_start: float = 1e-4,
         linear_end: float = 2e-2,
         cosine_s: float = 8e-3,
+        sigmoid_start: float = -3.0,
+        sigmoid_end: float = 3.0,
+        sigmoid_tau: float = 1.0,
         given_betas: list[float] | None = None,
         original_elbo_weight: float = 0.0,
         v_posterior: float = 0.0,
@@ -102,6 +106,8 @@ class DDPM(pl.LightningModule):
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
         min_snr_gamma: float | None = None,
+        offset_noise_strength: float = 0.0,
+        immiscible: bool = False,
     ):
         super().__init__()
         if parameterization not in schedule.PARAMETERIZATIONS:
@@ -114,6 +120,7 @@ class DDPM(pl.LightningModule):
         self.monitor, self.scheduler_config = monitor, scheduler_config
         self.l_simple_weight, self.original_elbo_weight = l_simple_weight, original_elbo_weight
         self.learning_rate = DEFAULT_LEARNING_RATE
+        self.offset_noise_strength, self.immiscible = offset_noise_strength, immiscible
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.use_ema = use_ema
         if use_ema:
@@ -122,8 +129,15 @@ class DDPM(pl.LightningModule):
             torch.tensor(given_betas, dtype=torch.float64)
             if given_betas is not None
             else schedule.make_beta_schedule(
-                beta_schedule, timesteps, linear_start, linear_end, cosine_s
-            )
+                beta_schedule,
+                timesteps,
+                linear_start,
+                linear_end,
+                cosine_s,
+                sigmoid_start,
+                sigmoid_end,
+                sigmoid_tau,
+            )  # fmt: skip
         )
         self.register_schedule(betas, v_posterior)
         weights = torch.ones(self.num_timesteps)
@@ -189,7 +203,8 @@ class DDPM(pl.LightningModule):
 
     def p_losses(self, x0, cond, t, noise=None, prefix=None) -> tuple[torch.Tensor, dict]:
         """The training loss at timesteps t (Ho et al. 2020, eq. 14) and the values to log."""
-        noise = torch.randn_like(x0) if noise is None else noise
+        if noise is None:
+            noise = training_noise(x0, self.offset_noise_strength, self.immiscible)
         x_t = schedule.q_sample(x0, t, noise, self.alphas_cumprod)
         prediction = self.apply_model(x_t, t, cond)
         target = schedule.training_target(self.parameterization, x0, t, noise, self.alphas_cumprod)

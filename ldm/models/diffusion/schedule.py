@@ -17,21 +17,40 @@ import math
 import torch
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
-BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid", "sqrt_linear", "sqrt")
+MAX_BETA = 0.999  # the cap of schedules defined by alphas_cumprod, as Nichol & Dhariwal
 # Floor of the posterior variance before its log: it is exactly 0 at t = 0.
 POSTERIOR_VARIANCE_FLOOR = 1e-20
 
 
+def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """(n,) betas of a schedule given as alphas_cumprod at t = 0, 1/n, ..., 1 (n + 1 values)."""
+    return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0, MAX_BETA)
+
+
 def make_beta_schedule(
-    kind: str, n: int, linear_start: float, linear_end: float, cosine_s: float = 8e-3
-) -> torch.Tensor:
-    """(n,) float64 betas. SD's "linear" is linear in sqrt(beta) (diffusers' scaled_linear)."""
-    if kind == "linear":
+    kind: str, n: int, linear_start: float, linear_end: float, cosine_s: float = 8e-3,
+    sigmoid_start: float = -3.0, sigmoid_end: float = 3.0, sigmoid_tau: float = 1.0,
+) -> torch.Tensor:  # fmt: skip
+    """(n,) float64 betas. SD's "linear" is linear in sqrt(beta), which diffusers calls
+    "scaled_linear" (accepted here as a synonym); "sqrt_linear" is linear in beta."""
+    t = torch.arange(n + 1, dtype=torch.float64) / n  # 0, 1/n, ..., 1
+    if kind in ("linear", "scaled_linear"):
         return torch.linspace(linear_start**0.5, linear_end**0.5, n, dtype=torch.float64) ** 2
     if kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17
-        s = torch.arange(n + 1, dtype=torch.float64) / n + cosine_s
-        alphas_cumprod = torch.cos(s / (1 + cosine_s) * math.pi / 2) ** 2
-        return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0, 0.999)
+        s = t + cosine_s
+        return betas_from_alphas_cumprod(torch.cos(s / (1 + cosine_s) * math.pi / 2) ** 2)
+    if kind == "sigmoid":  # Jabri et al. 2022 (RIN), alphas_cumprod = a falling sigmoid of t
+        if not sigmoid_start < sigmoid_end or sigmoid_tau <= 0:
+            raise ValueError(
+                f"sigmoid schedule: expected sigmoid_start < sigmoid_end and sigmoid_tau > 0; got "
+                f"{sigmoid_start}, {sigmoid_end}, {sigmoid_tau}"
+            )
+        v_start, v_end = (
+            torch.tensor(v / sigmoid_tau).sigmoid() for v in (sigmoid_start, sigmoid_end)
+        )
+        level = ((t * (sigmoid_end - sigmoid_start) + sigmoid_start) / sigmoid_tau).sigmoid()
+        return betas_from_alphas_cumprod((v_end - level) / (v_end - v_start))
     if kind == "sqrt_linear":
         return torch.linspace(linear_start, linear_end, n, dtype=torch.float64)
     if kind == "sqrt":
