@@ -23,7 +23,13 @@ from ldm.models.diffusion.guidance import cfg_eps_fn
 from ldm.models.diffusion.noise import training_noise
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.util import channels_first, instantiate_from_config
+from ldm.util import (
+    ConfigError,
+    channels_first,
+    get_obj_from_str,
+    instantiate_from_config,
+    to_plain,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +109,7 @@ class DDPM(pl.LightningModule):
         conditioning_key: str | None = None,
         parameterization: str = "eps",
         scheduler_config: Mapping | None = None,
+        optimizer_config: Mapping | None = None,
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
         min_snr_gamma: float | None = None,
@@ -118,6 +125,7 @@ class DDPM(pl.LightningModule):
         self.parameterization, self.loss_type = parameterization, loss_type
         self.first_stage_key, self.image_size, self.channels = first_stage_key, image_size, channels
         self.monitor, self.scheduler_config = monitor, scheduler_config
+        self.optimizer_config = optimizer_config
         self.l_simple_weight, self.original_elbo_weight = l_simple_weight, original_elbo_weight
         self.learning_rate = DEFAULT_LEARNING_RATE
         self.offset_noise_strength, self.immiscible = offset_noise_strength, immiscible
@@ -275,12 +283,27 @@ class DDPM(pl.LightningModule):
         return params + ([self.logvar] if self.learn_logvar else [])
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        optimizer = make_optimizer(
+            self.optimizer_config, self.trainable_parameters(), self.learning_rate
+        )
         if self.scheduler_config is None:
             return optimizer
         lr_lambda = instantiate_from_config(self.scheduler_config).schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_lambda)
         return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
+
+
+def make_optimizer(config: Mapping | None, params: list[nn.Parameter], lr: float):
+    """AdamW at `lr`, or the optimizer class `config` names (`target`, `params`) at `lr`."""
+    if config is None:
+        return torch.optim.AdamW(params, lr=lr)
+    target = config.get("target") if isinstance(config, Mapping) else None
+    if target is None:
+        raise ConfigError(f"optimizer_config needs a 'target' such as torch.optim.AdamW: {config}")
+    try:
+        return get_obj_from_str(target)(params, lr=lr, **to_plain(config.get("params") or {}))
+    except TypeError as err:
+        raise ConfigError(f"optimizer_config {target!r}: {err}") from err
 
 
 def frozen(module: nn.Module) -> nn.Module:
