@@ -277,6 +277,30 @@ class DDPM(pl.LightningModule):
         if self.use_ema:
             self.model_ema(self.model)
 
+    @torch.no_grad()
+    def sample(
+        self, cond, batch_size: int, steps: int = 50, guidance_scale: float = 1.0, uncond=None,
+        eta: float = 0.0, x_T: torch.Tensor | None = None, generator=None, disable: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
+        """Samples (B, channels, image_size, image_size) by DDIM; guided when uncond is set.
+
+        For LatentDiffusion these are latents, to decode with `decode_first_stage`.
+        """
+        shape = (batch_size, self.channels, self.image_size, self.image_size)
+        x = torch.randn(shape, generator=generator, device=self.device) if x_T is None else x_T
+        eps_fn = cfg_eps_fn(self, cond, uncond, guidance_scale)
+        timesteps = make_ddim_timesteps(steps, self.num_timesteps)
+        return sample_ddim(
+            eps_fn, x, timesteps, self.alphas_cumprod, eta=eta, generator=generator, disable=disable
+        )
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping, n: int = 8, steps: int = 20) -> dict[str, object]:
+        """Inputs and EMA samples, in [-1, 1], for the ImageLogger."""
+        inputs = self.get_input(batch, self.first_stage_key)[:n]
+        with self.ema_scope():
+            return {"inputs": inputs, "samples": self.sample(None, len(inputs), steps)}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates: the UNet, plus logvar when it is learned."""
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -446,20 +470,6 @@ class LatentDiffusion(DDPM):
         self.scale_factor.fill_(1.0 / std)
         self._rescale_pending = False
         logger.info("scale_by_std: scale_factor set to %.5f", self.scale_factor.item())
-
-    @torch.no_grad()
-    def sample(
-        self, cond, batch_size: int, steps: int = 50, guidance_scale: float = 1.0, uncond=None,
-        eta: float = 0.0, x_T: torch.Tensor | None = None, generator=None, disable: bool = True,
-    ) -> torch.Tensor:  # fmt: skip
-        """Latents (B, channels, image_size, image_size) by DDIM; guided when uncond is set."""
-        shape = (batch_size, self.channels, self.image_size, self.image_size)
-        x = torch.randn(shape, generator=generator, device=self.device) if x_T is None else x_T
-        eps_fn = cfg_eps_fn(self, cond, uncond, guidance_scale)
-        timesteps = make_ddim_timesteps(steps, self.num_timesteps)
-        return sample_ddim(
-            eps_fn, x, timesteps, self.alphas_cumprod, eta=eta, generator=generator, disable=disable
-        )
 
     @torch.no_grad()
     def log_images(
