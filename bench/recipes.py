@@ -1,7 +1,7 @@
 """Training recipes on the embedded demo: the same steps and seed for each, then prompt adherence.
 
     python bench/recipes.py --ae_ckpt logs/<demo-autoencoder>/checkpoints/last.ckpt \
-        [--steps 3500] [--recipes sd,v,cosine_v,min_snr,offset_noise,immiscible,sigmoid_v,all]
+        [--steps 3500] [--recipes sd,min_snr,zero_snr,...]   # default: all of RECIPES
 
 Each recipe trains configs/tiny/txt2img.yaml through main.py with its overrides on the given
 first stage, then scores it with scripts/evaluate.py (DDIM 50 steps, guidance 3, eta 0 and 1).
@@ -35,6 +35,7 @@ RECIPES = {
     "offset_noise": [*TINY, f"{P}offset_noise_strength=0.1"],
     "immiscible": [*TINY, f"{P}immiscible=true"],
     "sigmoid_v": [f"{P}beta_schedule=sigmoid", *TINY[1:]],
+    "zero_snr": [*TINY, f"{P}zero_terminal_snr=true"],
     "all": [*TINY, f"{P}offset_noise_strength=0.1", f"{P}immiscible=true"],
 }
 

@@ -61,10 +61,11 @@ def redraw(model, sampler: DDIMSampler, z0, t_enc: int, steps: int, guidance: tu
         z_t = noise
     else:
         z_t = sampler.stochastic_encode(z0, torch.full(z0.shape[:1], t_enc), noise=noise)
-    cond, uncond, scale = guidance
+    cond, uncond, scale, rescale = guidance
     return sampler.decode(
-        z_t, cond, t_enc, unconditional_guidance_scale=scale, unconditional_conditioning=uncond
-    )
+        z_t, cond, t_enc, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
+        guidance_rescale=rescale,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -88,7 +89,11 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
         z0 = model.scale_factor * model.encode_first_stage(init).mode()  # (1, C, h, w)
         for _ in range(opt.n_iter):
             for prompts in batches:
-                guidance = (*conditionings(model, prompts, opt.scale), opt.scale)
+                guidance = (
+                    *conditionings(model, prompts, opt.scale),
+                    opt.scale,
+                    opt.guidance_rescale,
+                )
                 z0_batch = z0.expand(len(prompts), -1, -1, -1)
                 latents = redraw(model, sampler, z0_batch, t_enc, opt.ddim_steps, guidance)
                 images.append(model.decode_first_stage(latents).float().clamp(-1, 1))

@@ -44,6 +44,8 @@ def add_common_args(parser: argparse.ArgumentParser, outdir: str, n_samples: int
     add("--n_samples", type=int, default=n_samples, help="batch size: images per prompt batch")
     add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    add("--guidance_rescale", type=float, default=0.0,
+        help="guidance rescale phi of Lin et al. (0.7 for zero-SNR models; 0: off)")  # fmt: skip
     add("--from-file", dest="from_file", help="a text file of prompts, one per line, batched")
     add("--config", nargs="+", help="model config (default: the log dir's, else v1-inference.yaml)")
     add("--ckpt", default="models/ldm/stable-diffusion-v1/model.ckpt",
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
                 latents, _ = sampler.sample(
                     S=opt.ddim_steps, batch_size=len(prompts), shape=shape, conditioning=cond,
                     unconditional_guidance_scale=opt.scale, unconditional_conditioning=uncond,
-                    x_T=x_T, **kwargs,
+                    x_T=x_T, guidance_rescale=opt.guidance_rescale, **kwargs,
                 )  # fmt: skip
                 images.append(model.decode_first_stage(latents).float().clamp(-1, 1))
     save(opt, images)

@@ -69,4 +69,3 @@ def test_pixel_ddpm_trains_through_main(tmp_path):
     assert trainer.global_step == 2
     (logdir,) = tmp_path.iterdir()
     assert (logdir / "checkpoints" / "last.ckpt").is_file()
-

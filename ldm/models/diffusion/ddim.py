@@ -144,8 +144,9 @@ def original_sample(
 ) -> tuple[Tensor, dict]:  # fmt: skip
     """Run `sample_fn` from x behind the original API: CFG, callbacks and intermediates.
 
-    guidance is (cond, uncond, scale). Returns (samples, {"x_inter": [...], "pred_x0": [...]})
-    with intermediates logged every log_every_t steps and at the first, as the original.
+    guidance is (cond, uncond, scale[, rescale]). Returns
+    (samples, {"x_inter": [...], "pred_x0": [...]}) with intermediates logged every
+    log_every_t steps and at the first, as the original.
     """
     eps_fn = cfg_eps_fn(model, *guidance)
     intermediates = {"x_inter": [x], "pred_x0": [x]}
@@ -177,11 +178,17 @@ class OriginalSampler:
         self.model = model
 
     def make_schedule(
-        self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
+        self, ddim_num_steps: int, ddim_discretize: str | None = None, ddim_eta: float = 0.0,
         verbose: bool = True,
     ) -> None:  # fmt: skip
-        """Pick the DDIM timesteps; the `ddim_*` arrays are ascending, as in the original."""
+        """Pick the DDIM timesteps; the `ddim_*` arrays are ascending, as in the original.
+
+        ddim_discretize defaults to the model's `timestep_spacing`: "uniform" as the original,
+        "trailing" for zero-terminal-SNR models.
+        """
         steps, num_train = ddim_num_steps, self.model.num_timesteps
+        if ddim_discretize is None:
+            ddim_discretize = getattr(self.model, "timestep_spacing", "uniform")
         self.timesteps = make_ddim_timesteps(steps, num_train, ddim_discretize)  # (S,) descending
         self.ddim_timesteps, self.ddim_eta = self.timesteps.flip(0).numpy(), ddim_eta
         a_t, a_prev = alphas_along(self.timesteps, self.model.alphas_cumprod)
@@ -197,16 +204,21 @@ class OriginalSampler:
         self, S: int, batch_size: int, shape, conditioning=None, callback=None,
         img_callback=None, eta: float = 0.0, verbose: bool = True, x_T=None,
         log_every_t: int = 100, unconditional_guidance_scale: float = 1.0,
-        unconditional_conditioning=None, generator: torch.Generator | None = None, **kwargs,
+        unconditional_conditioning=None, generator: torch.Generator | None = None,
+        guidance_rescale: float = 0.0, **kwargs,
     ) -> tuple[Tensor, dict]:  # fmt: skip
         """(samples (B, *shape), {"x_inter": [...], "pred_x0": [...]}) from x_T or fresh noise.
 
+        guidance_rescale is Lin et al.'s phi (0.7 in the paper; 0: plain guidance).
         The original's other options (mask, x0, quantize_x0, temperature, noise_dropout,
         score_corrector, ...) are accepted at their defaults only.
         """
         reject_unsupported(f"{type(self).__name__}.sample", **kwargs)
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
-        guidance = (conditioning, unconditional_conditioning, unconditional_guidance_scale)
+        guidance = (
+            conditioning, unconditional_conditioning, unconditional_guidance_scale,
+            guidance_rescale,
+        )  # fmt: skip
         x = start_noise(x_T, (batch_size, *shape), self.model.device, generator)
         return original_sample(
             type(self).sample_fn, self.model, self.timesteps, x, guidance, callback=callback,
@@ -238,7 +250,7 @@ class DDIMSampler(OriginalSampler):
     def decode(
         self, x_latent: Tensor, cond, t_start: int, unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning=None, use_original_steps: bool = False, callback=None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, guidance_rescale: float = 0.0,
     ) -> Tensor:  # fmt: skip
         """img2img: the t_start lowest steps from x_latent, with make_schedule's eta.
 
@@ -249,7 +261,12 @@ class DDIMSampler(OriginalSampler):
         if use_original_steps:  # every training timestep below t_start, ending at alpha = 1
             timesteps = torch.arange(t_start - 1, -1, -1)
         final_alpha = 1.0 if use_original_steps else None
-        guidance = (cond, unconditional_conditioning, unconditional_guidance_scale)
+        guidance = (
+            cond,
+            unconditional_conditioning,
+            unconditional_guidance_scale,
+            guidance_rescale,
+        )
         x, _ = original_sample(
             sample_ddim, self.model, timesteps, x_latent, guidance, callback=callback,
             verbose=False, eta=self.ddim_eta, final_alpha=final_alpha, generator=generator,

@@ -113,6 +113,7 @@ class DDPM(pl.LightningModule):
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
         min_snr_gamma: float | None = None,
+        zero_terminal_snr: bool = False,
         offset_noise_strength: float = 0.0,
         immiscible: bool = False,
     ):
@@ -137,16 +138,19 @@ class DDPM(pl.LightningModule):
             torch.tensor(given_betas, dtype=torch.float64)
             if given_betas is not None
             else schedule.make_beta_schedule(
-                beta_schedule,
-                timesteps,
-                linear_start,
-                linear_end,
-                cosine_s,
-                sigmoid_start,
-                sigmoid_end,
-                sigmoid_tau,
-            )  # fmt: skip
-        )
+                beta_schedule, timesteps, linear_start, linear_end, cosine_s,
+                sigmoid_start=sigmoid_start, sigmoid_end=sigmoid_end, sigmoid_tau=sigmoid_tau,
+            )
+        )  # fmt: skip
+        if zero_terminal_snr:
+            if parameterization == "eps":
+                raise ValueError(
+                    "zero_terminal_snr needs parameterization v or x0: at SNR 0 an eps "
+                    "prediction says nothing about x0 (Lin et al. 2024)"
+                )
+            betas = schedule.rescale_zero_terminal_snr(betas)
+        # Sampling starts at t = T where the schedule reaches SNR 0 (Lin et al.'s "trailing").
+        self.timestep_spacing = "trailing" if zero_terminal_snr else "uniform"
         self.register_schedule(betas, v_posterior)
         weights = torch.ones(self.num_timesteps)
         if min_snr_gamma is not None:
@@ -281,6 +285,7 @@ class DDPM(pl.LightningModule):
     def sample(
         self, cond, batch_size: int, steps: int = 50, guidance_scale: float = 1.0, uncond=None,
         eta: float = 0.0, x_T: torch.Tensor | None = None, generator=None, disable: bool = True,
+        guidance_rescale: float = 0.0,
     ) -> torch.Tensor:  # fmt: skip
         """Samples (B, channels, image_size, image_size) by DDIM; guided when uncond is set.
 
@@ -288,8 +293,8 @@ class DDPM(pl.LightningModule):
         """
         shape = (batch_size, self.channels, self.image_size, self.image_size)
         x = torch.randn(shape, generator=generator, device=self.device) if x_T is None else x_T
-        eps_fn = cfg_eps_fn(self, cond, uncond, guidance_scale)
-        timesteps = make_ddim_timesteps(steps, self.num_timesteps)
+        eps_fn = cfg_eps_fn(self, cond, uncond, guidance_scale, guidance_rescale)
+        timesteps = make_ddim_timesteps(steps, self.num_timesteps, self.timestep_spacing)
         return sample_ddim(
             eps_fn, x, timesteps, self.alphas_cumprod, eta=eta, generator=generator, disable=disable
         )

@@ -48,14 +48,31 @@ def cat_cond(uncond, cond):
     return torch.cat([uncond, cond])  # (2B, ...)
 
 
-def cfg_eps_fn(model, cond, uncond, scale: float) -> EpsFn:
-    """eps_u + scale (eps_c - eps_u) from one batched model call (Ho & Salimans 2022, eq. 6)."""
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2024, eq. 15-16: the guided prediction scaled to the conditional one's std
+    (per sample), mixed with the unscaled one by phi."""
+    dims = tuple(range(1, guided.ndim))
+    spread = guided.std(dim=dims, keepdim=True).clamp(min=1e-12)  # an all-zero guess stays 0
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / spread)
+    return phi * rescaled + (1 - phi) * guided
+
+
+def cfg_eps_fn(model, cond, uncond, scale: float, rescale: float = 0.0) -> EpsFn:
+    """eps_u + scale (eps_c - eps_u) from one batched model call (Ho & Salimans 2022, eq. 6).
+
+    Guidance acts on the model's own prediction (eps, x0 or v) before it becomes eps; as the
+    conversion is affine that is the same as guiding eps, except with `rescale` > 0, which
+    applies `rescale_guidance` to the model's prediction as diffusers does.
+    """
     if uncond is None or scale == 1.0:
         return model_eps_fn(model, cond)
-    eps_both = model_eps_fn(model, cat_cond(uncond, cond))
+    both = cat_cond(uncond, cond)
 
     def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps_u, eps_c = eps_both(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)  # (B, ...) x2
-        return eps_u + scale * (eps_c - eps_u)
+        pred_u, pred_c = model.apply_model(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+        guided = pred_u + scale * (pred_c - pred_u)
+        if rescale:
+            guided = rescale_guidance(guided, pred_c, rescale)
+        return eps_from_prediction(model.parameterization, x_t, t, guided, model.alphas_cumprod)
 
     return eps_fn

@@ -19,6 +19,9 @@ import torch
 PARAMETERIZATIONS = ("eps", "x0", "v")
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid", "sqrt_linear", "sqrt")
 MAX_BETA = 0.999  # the cap of schedules defined by alphas_cumprod, as Nichol & Dhariwal
+# alphas_cumprod at t = T after zero-terminal-SNR rescaling: 0 but for float32 (diffusers' Euler
+# scheduler uses the same), so that x0 and eps stay computable from each other at every t.
+ZERO_SNR_FLOOR = 2.0**-24
 # Floor of the posterior variance before its log: it is exactly 0 at t = 0.
 POSTERIOR_VARIANCE_FLOOR = 1e-20
 
@@ -56,6 +59,17 @@ def make_beta_schedule(
     if kind == "sqrt":
         return torch.linspace(linear_start, linear_end, n, dtype=torch.float64) ** 0.5
     raise ValueError(f"beta_schedule {kind!r} is unknown; expected one of {BETA_SCHEDULES}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor, floor: float = ZERO_SNR_FLOOR) -> torch.Tensor:
+    """Betas whose SNR reaches 0 at t = T (Lin et al. 2024, "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed", Alg. 1): sqrt(alphas_cumprod) is shifted so that its last
+    value is 0 and scaled so that its first is kept; the last is then floored at `floor`."""
+    sqrt_ac = torch.cumprod(1 - betas.double(), 0).sqrt()
+    first, last = sqrt_ac[0].item(), sqrt_ac[-1].item()
+    alphas_cumprod = ((sqrt_ac - last) * first / (first - last)) ** 2
+    alphas_cumprod[-1] = floor
+    return 1 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
 
 
 def schedule_buffers(betas: torch.Tensor, v_posterior: float = 0.0) -> dict[str, torch.Tensor]:

@@ -97,12 +97,15 @@ class DPMSolverSampler:
         self, S: int, batch_size: int, shape, conditioning=None, callback=None,
         img_callback=None, verbose: bool = True, x_T=None,
         unconditional_guidance_scale: float = 1.0, unconditional_conditioning=None,
-        generator: torch.Generator | None = None, **kwargs,
+        generator: torch.Generator | None = None, guidance_rescale: float = 0.0, **kwargs,
     ) -> tuple[Tensor, None]:  # fmt: skip
         """(samples (B, *shape), None), as the original; other options at their defaults only."""
         reject_unsupported("DPMSolverSampler.sample", **kwargs)
         timesteps = make_ddim_timesteps(S, self.model.num_timesteps, "linspace")  # (S,)
-        guidance = (conditioning, unconditional_conditioning, unconditional_guidance_scale)
+        guidance = (
+            conditioning, unconditional_conditioning, unconditional_guidance_scale,
+            guidance_rescale,
+        )  # fmt: skip
         x = start_noise(x_T, (batch_size, *shape), self.model.device, generator)
         x, _ = original_sample(
             sample_dpmpp_2m, self.model, timesteps, x, guidance, callback=callback,
