@@ -36,6 +36,7 @@ RECIPES = {
     "immiscible": [*TINY, f"{P}immiscible=true"],
     "sigmoid_v": [f"{P}beta_schedule=sigmoid", *TINY[1:]],
     "zero_snr": [*TINY, f"{P}zero_terminal_snr=true"],
+    "self_cond": [*TINY, f"{P}self_conditioning=true", f"{P}unet_config.params.in_channels=8"],
     "all": [*TINY, f"{P}offset_noise_strength=0.1", f"{P}immiscible=true"],
 }
 

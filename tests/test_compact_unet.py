@@ -69,3 +69,56 @@ def test_pixel_ddpm_trains_through_main(tmp_path):
     assert trainer.global_step == 2
     (logdir,) = tmp_path.iterdir()
     assert (logdir / "checkpoints" / "last.ckpt").is_file()
+
+
+class Spy(torch.nn.Module):
+    """Wraps the UNet, recording each call's input."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet, self.inputs = unet, []
+
+    def forward(self, x, timesteps, context=None):
+        self.inputs.append(x.detach().clone())
+        return self.unet(x, timesteps)
+
+
+def spied_model():
+    model = instantiate_from_config(load_config("ddpm/shapes.yaml").model)
+    spy = Spy(model.model.diffusion_model)
+    model.model.diffusion_model = spy
+    return model, spy
+
+
+def test_self_conditioning_trains_on_its_own_detached_estimate_half_the_time():
+    model, spy = spied_model()
+    x0, t = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([100, 700])
+    double = 0
+    for _ in range(40):
+        spy.inputs.clear()
+        model.p_losses(x0, None, t)
+        assert len(spy.inputs) in (1, 2)
+        assert spy.inputs[0][:, 3:].abs().max() == 0  # the first pass sees zeros
+        if len(spy.inputs) == 2:
+            double += 1
+            assert spy.inputs[1][:, 3:].abs().max() > 0  # the second sees the first's x0
+    assert 8 <= double <= 32
+    model.eval()
+    spy.inputs.clear()
+    model.p_losses(x0, None, t)
+    assert len(spy.inputs) == 1  # validation: one pass, no estimate
+
+
+def test_samplers_feed_back_the_previous_x0_estimate():
+    model, spy = spied_model()
+    with torch.no_grad():
+        model.sample(None, 1, steps=3)
+    assert len(spy.inputs) == 3 and spy.inputs[0][:, 3:].abs().max() == 0
+    assert all(x[:, 3:].abs().max() > 0 for x in spy.inputs[1:])
+
+
+def test_self_conditioning_needs_the_doubled_input():
+    config = load_config("ddpm/shapes.yaml").model
+    config.params.unet_config.params.in_channels = 3
+    with pytest.raises(ValueError, match="in_channels must be 6, got 3"):
+        instantiate_from_config(config)

@@ -40,6 +40,8 @@ COMPAT_PARAMS = {
 }
 CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid")
 LOSSES = {"l2": F.mse_loss, "l1": F.l1_loss}
+# Self-conditioning trains with the model's own x0 estimate on this fraction of batches.
+SELF_CONDITIONING_P = 0.5
 # The SD base learning rate; main.py overrides it from the config's base_learning_rate.
 DEFAULT_LEARNING_RATE = 1.0e-4
 
@@ -114,6 +116,7 @@ class DDPM(pl.LightningModule):
         logvar_init: float = 0.0,
         min_snr_gamma: float | None = None,
         zero_terminal_snr: bool = False,
+        self_conditioning: bool = False,
         offset_noise_strength: float = 0.0,
         immiscible: bool = False,
     ):
@@ -130,6 +133,9 @@ class DDPM(pl.LightningModule):
         self.l_simple_weight, self.original_elbo_weight = l_simple_weight, original_elbo_weight
         self.learning_rate = DEFAULT_LEARNING_RATE
         self.offset_noise_strength, self.immiscible = offset_noise_strength, immiscible
+        self.self_conditioning = self_conditioning
+        if self_conditioning:
+            check_self_conditioning_channels(unet_config, channels, conditioning_key)
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.use_ema = use_ema
         if use_ema:
@@ -206,8 +212,14 @@ class DDPM(pl.LightningModule):
         """Images (B, H, W, C) in [-1, 1] from the batch as float (B, C, H, W)."""
         return channels_first(batch_item(batch, key))
 
-    def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        """The UNet's prediction at (x_t, t); cond: a tensor, a list, or {c_concat, c_crossattn}."""
+    def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, self_cond=None):
+        """The UNet's prediction at (x_t, t); cond: a tensor, a list, or {c_concat, c_crossattn}.
+
+        With self-conditioning, `self_cond` (an x0 estimate, zeros when None) rides along as
+        extra input channels (Chen et al. 2022).
+        """
+        if self.self_conditioning:
+            x_t = torch.cat([x_t, torch.zeros_like(x_t) if self_cond is None else self_cond], 1)
         if cond is not None and not isinstance(cond, Mapping):
             key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
             cond = {key: cond if isinstance(cond, list) else [cond]}
@@ -218,7 +230,13 @@ class DDPM(pl.LightningModule):
         if noise is None:
             noise = training_noise(x0, self.offset_noise_strength, self.immiscible)
         x_t = schedule.q_sample(x0, t, noise, self.alphas_cumprod)
-        prediction = self.apply_model(x_t, t, cond)
+        self_cond = None
+        if self.self_conditioning and self.training and torch.rand(()) < SELF_CONDITIONING_P:
+            with torch.no_grad():  # a first pass's x0 estimate, as a detached extra input
+                first = self.apply_model(x_t, t, cond)
+                ac = self.alphas_cumprod
+                self_cond = schedule.x0_from_prediction(self.parameterization, x_t, t, first, ac)
+        prediction = self.apply_model(x_t, t, cond, self_cond)
         target = schedule.training_target(self.parameterization, x0, t, noise, self.alphas_cumprod)
         loss_simple = LOSSES[self.loss_type](prediction, target, reduction="none")
         loss_simple = loss_simple.mean(dim=tuple(range(1, x0.ndim)))  # (B,)
@@ -320,6 +338,19 @@ class DDPM(pl.LightningModule):
         lr_lambda = instantiate_from_config(self.scheduler_config).schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_lambda)
         return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
+
+
+def check_self_conditioning_channels(unet_config: Mapping, channels: int, conditioning_key):
+    """Self-conditioning doubles the UNet's input: refuse a config whose in_channels do not."""
+    params = unet_config.get("params") or {}
+    in_channels = params.get("in_channels")
+    if conditioning_key in ("concat", "hybrid") or in_channels is None:
+        return
+    if in_channels != 2 * channels:
+        raise ValueError(
+            f"self_conditioning feeds the x0 estimate as {channels} extra input channels: "
+            f"unet_config.params.in_channels must be {2 * channels}, got {in_channels}"
+        )
 
 
 def make_optimizer(config: Mapping | None, params: list[nn.Parameter], lr: float):

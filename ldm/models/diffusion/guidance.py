@@ -29,11 +29,31 @@ def eps_from_prediction(parameterization: str, x_t, t, prediction, alphas_cumpro
     raise ValueError(f"parameterization {parameterization!r}; expected one of {expected}")
 
 
+def prediction_fn(model, cond) -> EpsFn:
+    """(x_t, t) -> the model's own prediction under `cond`.
+
+    A self-conditioned model (Chen et al. 2022) gets its x0 estimate from the previous call
+    (zeros at the first), so every sampler passes it along without knowing.
+    """
+    if not getattr(model, "self_conditioning", False):
+        return lambda x_t, t: model.apply_model(x_t, t, cond)
+    previous = {}
+
+    def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        prediction = model.apply_model(x_t, t, cond, self_cond=previous.get("x0"))
+        ac = model.alphas_cumprod
+        previous["x0"] = schedule.x0_from_prediction(model.parameterization, x_t, t, prediction, ac)
+        return prediction
+
+    return predict
+
+
 def model_eps_fn(model, cond) -> EpsFn:
     """eps_fn of the model under conditioning `cond` (no guidance)."""
+    predict = prediction_fn(model, cond)
 
     def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        prediction = model.apply_model(x_t, t, cond)
+        prediction = predict(x_t, t)
         return eps_from_prediction(model.parameterization, x_t, t, prediction, model.alphas_cumprod)
 
     return eps_fn
@@ -66,10 +86,10 @@ def cfg_eps_fn(model, cond, uncond, scale: float, rescale: float = 0.0) -> EpsFn
     """
     if uncond is None or scale == 1.0:
         return model_eps_fn(model, cond)
-    both = cat_cond(uncond, cond)
+    predict = prediction_fn(model, cat_cond(uncond, cond))
 
     def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        pred_u, pred_c = model.apply_model(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+        pred_u, pred_c = predict(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
         guided = pred_u + scale * (pred_c - pred_u)
         if rescale:
             guided = rescale_guidance(guided, pred_c, rescale)

@@ -157,6 +157,17 @@ def eps_from_v(x_t, t, v, alphas_cumprod) -> torch.Tensor:
     return (1 - a_t).sqrt() * x_t + a_t.sqrt() * v
 
 
+def x0_from_prediction(parameterization: str, x_t, t, prediction, alphas_cumprod) -> torch.Tensor:
+    """The x0 implied by a model's eps, x0 or v prediction at (x_t, t)."""
+    if parameterization == "eps":
+        return x0_from_eps(x_t, t, prediction, alphas_cumprod)
+    if parameterization == "x0":
+        return prediction
+    if parameterization == "v":
+        return x0_from_v(x_t, t, prediction, alphas_cumprod)
+    raise ValueError(f"parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}")
+
+
 def training_target(parameterization: str, x0, t, eps, alphas_cumprod) -> torch.Tensor:
     """What the network is trained to predict for each parameterisation."""
     if parameterization == "eps":
