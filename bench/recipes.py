@@ -52,13 +52,18 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def final_train_loss(logdir: Path, last: int = 10) -> float:
-    """Mean train/loss_simple of the last `last` logged steps (the CSV logger's file)."""
-    (metrics,) = logdir.glob("csv/*/metrics.csv")
-    with metrics.open() as f:
-        values = [
-            float(r["train/loss_simple"]) for r in csv.DictReader(f) if r["train/loss_simple"]
-        ]
+def final_train_loss(trainer, last: int = 10) -> float:
+    """Mean train/loss_simple of the last `last` logged steps (the CSV logger's file), or the
+    last value Lightning holds when the run was too short to log any."""
+    logged = list(Path(trainer.default_root_dir).glob("csv/*/metrics.csv"))
+    values = []
+    if logged:
+        with logged[0].open() as f:
+            values = [
+                float(r["train/loss_simple"]) for r in csv.DictReader(f) if r["train/loss_simple"]
+            ]
+    if not values:
+        return float(trainer.callback_metrics["train/loss_simple"])
     return sum(values[-last:]) / len(values[-last:])
 
 
@@ -72,7 +77,7 @@ def run_recipe(name: str, opt) -> dict:
     minutes = (time.time() - start) / 60
     logdir = Path(trainer.default_root_dir)
     result = {"recipe": name, "steps": opt.steps, "train_minutes": round(minutes, 1),
-              "final_loss_simple": round(final_train_loss(logdir), 4)}  # fmt: skip
+              "final_loss_simple": round(final_train_loss(trainer), 4)}  # fmt: skip
     for eta in (0.0, 1.0):
         scores = evaluate.main([
             "--logdir", str(logdir), "--outdir", str(logdir / f"evaluate-eta{eta:g}"),
