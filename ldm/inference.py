@@ -22,6 +22,7 @@ from torchvision.utils import make_grid
 from ldm.checkpoint import (
     EMA_PREFIX,
     CheckpointError,
+    filter_keys,
     fitting_state_dict,
     load_weights,
     read_state_dict,
@@ -63,15 +64,9 @@ def swap_in_ema(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, bool]:
     has_ema = any(k.startswith(EMA_PREFIX) for k in state_dict)
     swapped = {
         k: state_dict.get(ema_key(k), v) if k.startswith(MODEL_PREFIX) else v
-        for k, v in state_dict.items()
-        if not k.startswith(EMA_PREFIX)
+        for k, v in filter_keys(state_dict, [EMA_PREFIX]).items()
     }
     return swapped, has_ema
-
-
-def drop_ema(state_dict: Mapping[str, torch.Tensor]) -> dict:
-    """The state dict without its `model_ema.*` copy."""
-    return {k: v for k, v in state_dict.items() if not k.startswith(EMA_PREFIX)}
 
 
 def inference_config(configs: Sequence[str | os.PathLike]) -> DictConfig:

@@ -21,7 +21,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm import inference  # noqa: E402
-from ldm.checkpoint import CheckpointError, describe_mismatch, read_state_dict, save_checkpoint  # noqa: E402
+from ldm.checkpoint import (  # noqa: E402
+    EMA_PREFIX,
+    CheckpointError,
+    filter_keys,
+    fitting_state_dict,
+    read_state_dict,
+    save_checkpoint,
+)
 from ldm.util import instantiate_from_config  # noqa: E402
 
 SUFFIXES = (".safetensors", ".ckpt")
@@ -46,7 +53,7 @@ def exported(state_dict: dict, use_ema: bool, drop_ema: bool, half: bool) -> dic
         if not has_ema:
             raise CheckpointError("--use_ema: the checkpoint has no model_ema.* weights")
     elif drop_ema:
-        state_dict = inference.drop_ema(state_dict)
+        state_dict = filter_keys(state_dict, [EMA_PREFIX])
     if half:
         state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
     return state_dict
@@ -56,14 +63,10 @@ def check_against(config_paths: list, state_dict: dict) -> None:
     """Raise CheckpointError unless `state_dict` has exactly the keys and shapes of the model."""
     config = inference.inference_config(config_paths)
     if "use_ema" in config.model.params:
-        config.model.params.use_ema = any(k.startswith("model_ema.") for k in state_dict)
+        config.model.params.use_ema = any(k.startswith(EMA_PREFIX) for k in state_dict)
     with torch.device("meta"):
         model = instantiate_from_config(config.model)
-    missing, unexpected, wrong_shape = describe_mismatch(model, state_dict)
-    problems = {"missing": missing, "unexpected": unexpected, "wrong shape": wrong_shape}
-    listed = "; ".join(f"{name}: {keys[:10]}" for name, keys in problems.items() if keys)
-    if listed:
-        raise CheckpointError(f"the export does not fit config {config_paths}: {listed}")
+    fitting_state_dict(model, state_dict, name=f"the export, against config {config_paths},")
 
 
 def main(argv: list[str] | None = None) -> dict:

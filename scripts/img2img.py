@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
         sys.exit(f"img2img.py: --strength {opt.strength} must lie in [0, 1]")
     if not Path(opt.init_img).is_file():
         sys.exit(f"img2img.py: --init-img {opt.init_img}: no such file")
-    model, device = setup(opt, "img2img.py")
+    model, device, batches = setup(opt, "img2img.py")
     try:
         init = load_img(opt.init_img, 8 * inference.latent_factor(model)).to(device)
     except ValueError as err:
@@ -83,7 +83,6 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
     sampler = DDIMSampler(model)
     sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
     t_enc = round(opt.strength * opt.ddim_steps)
-    batches = inference.read_prompts(opt.prompt, opt.from_file, opt.n_samples)
     images = []
     with inference.precision_scope(opt.precision, device):
         z0 = model.scale_factor * model.encode_first_stage(init).mode()  # (1, C, h, w)

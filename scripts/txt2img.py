@@ -74,10 +74,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup(opt, script: str):
-    """(model, device) for the options; bad options exit with a message naming them."""
-    if opt.from_file is not None and not Path(opt.from_file).is_file():
-        sys.exit(f"{script}: --from-file {opt.from_file}: no such file")
+    """(model, device, prompt batches) for the options; bad options exit naming them."""
     try:
+        batches = inference.read_prompts(opt.prompt, opt.from_file, opt.n_samples)
         config = opt.config
         if config is None and not inference.run_files(opt.ckpt)[0]:
             config = [DEFAULT_CONFIG]  # not a main.py run: an original SD v1 file, as the original
@@ -86,7 +85,7 @@ def setup(opt, script: str):
     except (ValueError, OSError, RuntimeError) as err:
         sys.exit(f"{script}: {err}")
     seed_everything(opt.seed, verbose=False)
-    return model, device
+    return model, device, batches
 
 
 def conditionings(model, prompts: list[str], scale: float):
@@ -119,9 +118,8 @@ def save(opt, images: list[torch.Tensor]) -> None:
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> list[torch.Tensor]:
     opt = get_parser().parse_args(argv)
-    model, device = setup(opt, "txt2img.py")
+    model, device, batches = setup(opt, "txt2img.py")
     sampler = SAMPLERS[opt.sampler](model)
-    batches = inference.read_prompts(opt.prompt, opt.from_file, opt.n_samples)
     shape = latent_shape(opt, model)
     start_code = None
     if opt.fixed_code:

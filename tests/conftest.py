@@ -38,6 +38,19 @@ def diffusers_original_config(model_config) -> dict:
     return {"model": OmegaConf.to_container(model_config, resolve=True)}
 
 
+def fit_fixed_batch(model, x0, cond, t, noise, steps: int, lr: float) -> tuple[list, dict]:
+    """(losses, last logs) of `steps` AdamW steps of `model.p_losses` on one fixed batch."""
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, logs = model.p_losses(x0, cond, t, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, logs
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT, load_config
+from conftest import ROOT, fit_fixed_batch, load_config
 
 import main
 from ldm.data.synthetic import SyntheticShapes
@@ -46,14 +46,7 @@ def test_pixel_ddpm_config_learns_and_samples():
     data = SyntheticShapes(size=32, length=8)
     x0 = torch.stack([torch.from_numpy(data[i]["image"]) for i in range(8)]).permute(0, 3, 1, 2)
     t, noise = torch.randint(0, 1000, (8,)), torch.randn(8, 3, 32, 32)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
-    losses = []
-    for _ in range(30):
-        loss, _ = model.p_losses(x0, None, t, noise)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses, _ = fit_fixed_batch(model, x0, None, t, noise, steps=30, lr=1e-3)
     assert losses[-1] < 0.6 * losses[0], losses
     images = model.log_images({"image": x0.permute(0, 2, 3, 1)}, n=2, steps=3)
     assert images["samples"].shape == (2, 3, 32, 32) and images["inputs"].shape == (2, 3, 32, 32)

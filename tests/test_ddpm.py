@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import diffusers_original_config, load_config, sd_manifest
+from conftest import diffusers_original_config, fit_fixed_batch, load_config, sd_manifest
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
@@ -135,14 +135,7 @@ def test_optimisation_steps_reduce_the_loss(parameterization):
     model = build("tiny/txt2img.yaml", parameterization=parameterization)
     z, c = model.get_input(tiny_batch())
     t, noise = torch.tensor([50, 300, 600, 900]), torch.randn_like(z)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=2e-3)
-    losses = []
-    for _ in range(25):
-        loss, logs = model.p_losses(z, c, t, noise)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses, logs = fit_fixed_batch(model, z, c, t, noise, steps=25, lr=2e-3)
     assert set(logs) == {"train/loss_simple", "train/loss_vlb", "train/loss"}
     assert losses[-1] < 0.5 * losses[0], losses
 
