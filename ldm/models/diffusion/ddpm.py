@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.checkpoint import load_weights
+from ldm.data.cache import CONTEXT_KEY, MOMENTS_KEY
 from ldm.models.diffusion import schedule
 from ldm.models.diffusion.ddim import make_ddim_timesteps, sample_ddim
 from ldm.models.diffusion.guidance import cfg_eps_fn
@@ -293,7 +294,9 @@ class DDPM(pl.LightningModule):
         self.log_dict(logs, on_epoch=True, batch_size=self.batch_size(batch))
 
     def batch_size(self, batch: Mapping) -> int:
-        return len(batch_item(batch, self.first_stage_key))
+        return len(
+            batch[MOMENTS_KEY] if MOMENTS_KEY in batch else batch_item(batch, self.first_stage_key)
+        )
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.use_ema:
@@ -385,10 +388,15 @@ def parse_ucg_training(config: Mapping | None) -> dict[str, dict]:
     return parsed
 
 
+def drop_mask(n: int, p: float) -> torch.Tensor:
+    """(n,) bool, each True with probability p: the captions to drop for CFG training."""
+    return torch.rand(n) < p
+
+
 def drop_conditioning(c: list, p: float, val) -> list:
     """Replace each entry of `c` by `val` with probability p, so the model learns the
     unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022)."""
-    drop = (torch.rand(len(c)) < p).tolist()
+    drop = drop_mask(len(c), p).tolist()
     return [val if d else item for item, d in zip(c, drop, strict=True)]
 
 
@@ -429,6 +437,12 @@ class LatentDiffusion(DDPM):
             self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         else:
             self.scale_factor = scale_factor
+        # What decides a latent cache's contents besides the weights (ldm/data/cache.py).
+        self.cache_identity = {
+            "first_stage": to_plain(first_stage_config),
+            "cond_stage": to_plain(cond_stage_config),
+            "keys": [self.first_stage_key, cond_stage_key, cond_stage_forward],
+        }
         self.first_stage_model = frozen(instantiate_from_config(first_stage_config))
         self.cond_stage_model = self.make_cond_stage(cond_stage_config)
         if ckpt_path is not None:  # last, so every module and buffer exists (unlike the original)
@@ -471,20 +485,44 @@ class LatentDiffusion(DDPM):
         """Scaled latents (B, 4, h, w) back to images (B, 3, 8h, 8w)."""
         return self.first_stage_model.decode(z / self.scale_factor)
 
-    def get_input(self, batch: Mapping, key: str | None = None) -> tuple[torch.Tensor, object]:
-        """(z, c): scaled first-stage latents and the conditioning (encoded unless trainable)."""
-        x = super().get_input(batch, key or self.first_stage_key)
+    def first_stage_posterior(self, batch: Mapping, key: str | None = None):
+        """The posterior over the batch's latents: encoded, or read from a latent cache."""
+        if MOMENTS_KEY in batch:
+            return DiagonalGaussianDistribution(batch[MOMENTS_KEY])
         with torch.no_grad():
-            z = self.get_first_stage_encoding(self.encode_first_stage(x))
+            return self.encode_first_stage(DDPM.get_input(self, batch, key or self.first_stage_key))
+
+    def get_input(self, batch: Mapping, key: str | None = None) -> tuple[torch.Tensor, object]:
+        """(z, c): scaled first-stage latents and the conditioning (encoded unless trainable).
+
+        A batch from a latent cache carries the posterior and the text encoder's output; the
+        captions it drops for classifier-free guidance then get the cached `val`'s context.
+        """
+        z = self.get_first_stage_encoding(self.first_stage_posterior(batch, key))
         if self.cond_stage_model is None:
             return z, None
         c = batch_item(batch, self.cond_stage_key)
-        if self.training and self.cond_stage_key in self.ucg_training:
-            c = drop_conditioning(c, **self.ucg_training[self.cond_stage_key])
+        ucg = self.ucg_training.get(self.cond_stage_key) if self.training else None
+        if CONTEXT_KEY in batch and not self.cond_stage_trainable:
+            c = batch[CONTEXT_KEY]
+            if ucg is not None:
+                drop = drop_mask(len(c), ucg["p"]).to(c.device)[:, None, None]
+                c = torch.where(drop, self.constant_context(ucg["val"]).to(c), c)
+            return z, c
+        if ucg is not None:
+            c = drop_conditioning(c, **ucg)
         if not self.cond_stage_trainable:
             with torch.no_grad():
                 c = self.get_learned_conditioning(c)
         return z, c
+
+    @torch.no_grad()
+    def constant_context(self, caption: str) -> torch.Tensor:
+        """The frozen text encoder's (1, L, D) output for one caption, computed once."""
+        cache = self.__dict__.setdefault("_constant_contexts", {})
+        if caption not in cache:
+            cache[caption] = self.get_learned_conditioning([caption])
+        return cache[caption]
 
     def forward(self, z: torch.Tensor, c, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
         if self.cond_stage_trainable and c is not None:
@@ -499,8 +537,7 @@ class LatentDiffusion(DDPM):
         """With scale_by_std, set scale_factor = 1 / std of the first batch's latents."""
         if not (self._rescale_pending and self.global_step == 0 and batch_idx == 0):
             return
-        x = DDPM.get_input(self, batch, self.first_stage_key)
-        std = self.encode_first_stage(x).sample().flatten().std()
+        std = self.first_stage_posterior(batch).sample().flatten().std()
         if self._trainer is not None:
             std = self.trainer.strategy.reduce(std, reduce_op="mean")
         self.scale_factor.fill_(1.0 / std)
@@ -515,7 +552,9 @@ class LatentDiffusion(DDPM):
         batch = {k: v[:n] for k, v in batch.items()}
         z, _ = self.get_input(batch)
         captions = list(batch_item(batch, self.cond_stage_key))
-        images = {"inputs": DDPM.get_input(self, batch, self.first_stage_key)}
+        images = {}
+        if MOMENTS_KEY not in batch:  # a latent cache holds no images
+            images["inputs"] = DDPM.get_input(self, batch, self.first_stage_key)
         images["reconstructions"] = self.decode_first_stage(z)
         with self.ema_scope():
             cond = self.get_learned_conditioning(captions)
