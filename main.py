@@ -91,6 +91,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--accumulate_grad_batches", type=int)
     add("--num_nodes", type=int)
     add("--strategy", help="e.g. ddp, ddp_find_unused_parameters_true, fsdp")
+    add("--compile", action="store_true", help="torch.compile the UNet (model.params.compile)")
     return parser  # fmt: skip
 
 
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     logdir, resume_ckpt, files = make_run_dirs(opt, now)
     config = load_config(files, overrides)
+    if opt.compile:
+        config.model.setdefault("params", {})["compile"] = True
     lightning_config = config.pop("lightning", OmegaConf.create())
     pl.seed_everything(opt.seed, workers=True)
     model = instantiate_from_config(config.model)

@@ -26,6 +26,7 @@ from ldm import inference  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler  # noqa: E402
 from ldm.models.diffusion.plms import PLMSSampler  # noqa: E402
+from ldm.modules.acceleration import compile_forward  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}
@@ -56,6 +57,8 @@ def add_common_args(parser: argparse.ArgumentParser, outdir: str, n_samples: int
     add("--device", choices=inference.DEVICES, help="default: cuda, else mps, else cpu")
     add("--use_ema", action=argparse.BooleanOptionalAction, default=True,
         help="sample with the EMA weights when the checkpoint has them")  # fmt: skip
+    add("--compile", action="store_true",
+        help="torch.compile the UNet (worth it for many batches; falls back to eager)")  # fmt: skip
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -82,6 +85,8 @@ def setup(opt, script: str):
             config = [DEFAULT_CONFIG]  # not a main.py run: an original SD v1 file, as the original
         device = inference.choose_device(opt.device)
         model, _ = inference.load_model(opt.ckpt, config, use_ema=opt.use_ema, device=device)
+        if opt.compile:
+            compile_forward(model.model.diffusion_model, "the UNet")
     except (ValueError, OSError, RuntimeError) as err:
         sys.exit(f"{script}: {err}")
     seed_everything(opt.seed, verbose=False)

@@ -34,3 +34,29 @@ def test_recipes_train_score_and_tabulate(tmp_path, capsys):
 def test_unknown_recipe_is_named(capsys):
     with pytest.raises(SystemExit, match="nope"):
         recipes.main(["--ae_ckpt", "x.ckpt", "--recipes", "sd,nope"])
+
+
+def test_unet_vae_and_sampling_benchmarks_time_both_implementations():
+    from bench import sampling, unet, vae
+
+    (forward,) = unet.main(
+        "--config tiny/txt2img.yaml --sizes 8 --batches 1 --dtypes fp32 --repeats 1".split()
+    )
+    assert forward["ours_ms"] > 0 and forward["diffusers_ms"] > 0 and forward["ratio"] > 0
+    results = vae.main("--config tiny/txt2img.yaml --size 32 --dtypes bf16 --repeats 1".split())
+    assert [r["direction"] for r in results] == ["encode", "decode"]
+    record = sampling.main("--steps 3 --batch 2 --repeats 1".split())
+    assert record["max_abs_difference"] < 1e-3  # the two loops compute the same samples
+    assert 0 < record["outside_unet_ours"] < 1
+
+
+@pytest.mark.slow
+def test_train_step_and_train_loop_benchmarks_run(capsys):
+    from bench import train_loop, train_step
+
+    results = train_step.main("--cases tiny --checkpointing 0,1 --repeats 1".split())
+    assert [r["checkpointing"] for r in results] == [False, True]
+    assert all(r["ours_peak_mb"] > 0 and r["time_ratio"] > 0 for r in results)
+    small = "data.params.train.params.length=16 data.params.batch_size=4 data.params.num_workers=0"
+    summary = train_loop.main(f"--steps 4 --warmup 1 {small}".split())
+    assert summary["images_per_s"][True] > 0 and summary["images_per_s"][False] > 0

@@ -171,3 +171,21 @@ def test_two_ddp_processes_build_one_cache(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((cache / "train/manifest.json").read_text())["length"] == 32
     assert len(CachedLatents(cache / "train")) == 32  # shards 0, 2 from rank 0 and 1, 3 from 1
+
+
+def test_a_trainable_text_encoder_caches_only_latents(tmp_path):
+    config = load_config("tiny/txt2img.yaml").model
+    config.params.cond_stage_trainable = True
+    config.params.cond_stage_config.params.freeze = False
+    model = instantiate_from_config(config)
+    with torch.no_grad():  # no zero-initialised output layer between the loss and the text
+        for p in model.model.parameters():
+            p.normal_(0, 0.05)
+    dataset = SyntheticShapes(size=32, length=4, seed=3)
+    build(model, dataset, tmp_path)
+    item = CachedLatents(tmp_path)[0]
+    assert CONTEXT_KEY not in item and item["caption"] == dataset[0]["caption"]
+    loss, _ = model.shared_step(default_collate([CachedLatents(tmp_path)[i] for i in range(4)]))
+    loss.backward()  # through the text encoder, which trains
+    grads = [p.grad for p in model.cond_stage_model.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)

@@ -46,9 +46,12 @@ MANIFEST = "manifest.json"
 
 
 def fingerprint(model: torch.nn.Module, identity: Mapping) -> str:
-    """sha256 over `identity` (JSON) and the model's frozen stages' weights, in key order."""
+    """sha256 over `identity` (JSON) and the weights of the stages whose outputs are cached."""
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=to_plain).encode())
-    for name in ("first_stage_model", "cond_stage_model"):
+    stages = ["first_stage_model"]
+    if not model.cond_stage_trainable:  # a trained text encoder's output is not cached
+        stages.append("cond_stage_model")
+    for name in stages:
         stage = getattr(model, name, None)
         for key, tensor in sorted((stage.state_dict() if stage is not None else {}).items()):
             digest.update(f"{name}.{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())

@@ -10,10 +10,17 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import maybe_checkpoint, zero_module
+from ldm.modules.diffusionmodules.util import Conv2d, maybe_checkpoint, zero_module
 
 # GroupNorm of the transformer input, as the original `Normalize`.
 NORM_GROUPS, NORM_EPS = 32, 1e-6
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for an NHWC-strided 4-d tensor, else the default (NCHW) format."""
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 class GEGLU(nn.Module):
@@ -124,7 +131,7 @@ class SpatialTransformer(nn.Module):
         inner = n_heads * d_head
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(NORM_GROUPS, in_channels, eps=NORM_EPS)
-        proj = nn.Linear if use_linear else lambda i, o: nn.Conv2d(i, o, kernel_size=1)
+        proj = nn.Linear if use_linear else lambda i, o: Conv2d(i, o, kernel_size=1)
         self.proj_in = proj(in_channels, inner)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(
@@ -147,7 +154,11 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)  # (B, C, H, W)
+        # (B, C, H, W) in the input's memory format: the permuted view is channels-last, and
+        # a convolution handed one would copy its weight to that layout on every call.
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous(
+            memory_format=memory_format(x_in)
+        )
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

@@ -22,6 +22,7 @@ from ldm.models.diffusion import schedule
 from ldm.models.diffusion.ddim import make_ddim_timesteps, sample_ddim
 from ldm.models.diffusion.guidance import cfg_eps_fn
 from ldm.models.diffusion.noise import training_noise
+from ldm.modules.acceleration import accelerate
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import (
@@ -120,6 +121,8 @@ class DDPM(pl.LightningModule):
         self_conditioning: bool = False,
         offset_noise_strength: float = 0.0,
         immiscible: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         if parameterization not in schedule.PARAMETERIZATIONS:
@@ -138,6 +141,7 @@ class DDPM(pl.LightningModule):
         if self_conditioning:
             check_self_conditioning_channels(unet_config, channels, conditioning_key)
         self.model = DiffusionWrapper(unet_config, conditioning_key)
+        accelerate(self.model.diffusion_model, "the UNet", channels_last, compile)
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import (
+    Conv2d,
     maybe_checkpoint,
     normalization,
     timestep_embedding,
@@ -46,7 +47,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -57,7 +58,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -80,7 +81,7 @@ class ResBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            normalization(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
         emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
@@ -88,10 +89,10 @@ class ResBlock(nn.Module):
             normalization(out_channels),
             nn.SiLU(),
             nn.Dropout(dropout),
-            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+            zero_module(Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         same = out_channels == channels
-        self.skip_connection = nn.Identity() if same else nn.Conv2d(channels, out_channels, 1)
+        self.skip_connection = nn.Identity() if same else Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return maybe_checkpoint(self._forward, x, emb, enabled=self.use_checkpoint)
@@ -178,7 +179,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             normalization(model_channels),
             nn.SiLU(),
-            zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
+            zero_module(Conv2d(model_channels, out_channels, 3, padding=1)),
         )
 
     def _resblock(self, ch: int, emb_dim: int, out_ch: int) -> ResBlock:
@@ -197,7 +198,7 @@ class UNetModel(nn.Module):
 
     def _make_input_blocks(self, in_channels: int, emb_dim: int) -> tuple[nn.ModuleList, list]:
         ch = self.model_channels
-        blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(in_channels, ch, 3, padding=1))])
         skip_channels, ds = [ch], 1
         for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
