@@ -42,6 +42,9 @@ def forward_fn(unet, ours: bool, x, t, context, dtype, channels_last: bool = Fal
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
 
+    if dtype is not None:  # weights cast once, as the sampling scripts do
+        x, context = x.to(dtype), context.to(dtype)
+
     def run():
         with torch.no_grad(), autocast:
             if ours:
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     emit({"bench": "unet", "config": opt.config, **environment()})
     results = []
     for dtype_name in opt.dtypes.split(","):
+        ours.to(DTYPES[dtype_name] or torch.float32)
+        theirs.to(DTYPES[dtype_name] or torch.float32)
         for batch in map(int, opt.batches.split(",")):
             for size in map(int, opt.sizes.split(",")):
                 x = torch.randn(batch, params.in_channels, size, size, device=device)

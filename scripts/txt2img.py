@@ -85,6 +85,7 @@ def setup(opt, script: str):
             config = [DEFAULT_CONFIG]  # not a main.py run: an original SD v1 file, as the original
         device = inference.choose_device(opt.device)
         model, _ = inference.load_model(opt.ckpt, config, use_ema=opt.use_ema, device=device)
+        inference.prepare_for_precision(model, opt.precision, device)
         if opt.compile:
             compile_forward(model.model.diffusion_model, "the UNet")
     except (ValueError, OSError, RuntimeError) as err:
