@@ -20,6 +20,11 @@ import pytorch_lightning as pl
 
 import main as train
 from bench.common import ROOT, emit, environment
+from ldm.util import get_obj_from_str
+
+# By import path: run as `python -m bench.train_loop` this module is __main__, not the one
+# main.py instantiates the callback from.
+CLOCK = "bench.train_loop.StepClock"
 
 
 class StepClock(pl.Callback):
@@ -48,7 +53,9 @@ def run(opt, workdir: Path, cached: bool, extra: list[str]) -> dict:
         "lightning.trainer.limit_val_batches=0", "lightning.trainer.val_check_interval=null",
         "lightning.callbacks.image_logger.params.batch_frequency=1000000",
         "lightning.modelcheckpoint.params.every_n_train_steps=1000000",
-        "lightning.callbacks.step_clock.target=bench.train_loop.StepClock",
+        "lightning.trainer.enable_progress_bar=false",
+        "lightning.trainer.enable_model_summary=false",
+        f"lightning.callbacks.step_clock.target={CLOCK}",
     ]  # fmt: skip
     if cached:
         configs.append(str(ROOT / "configs/tiny/cached.yaml"))
@@ -58,7 +65,7 @@ def run(opt, workdir: Path, cached: bool, extra: list[str]) -> dict:
         "--base", *configs, "-t", "--no-test", "-l", str(workdir / "logs"),
         "--max_steps", str(opt.steps), "--precision", opt.precision, *overrides, *extra,
     ])  # fmt: skip
-    (clock,) = [c for c in trainer.callbacks if isinstance(c, StepClock)]
+    (clock,) = [c for c in trainer.callbacks if isinstance(c, get_obj_from_str(CLOCK))]
     ends = clock.ends[opt.warmup :]
     batch = trainer.datamodule.batch_size
     rate = batch * (len(ends) - 1) / (ends[-1] - ends[0])

@@ -4,9 +4,10 @@
         [--dtype fp32|bf16] [--device cpu|cuda]
 
 Each (implementation, case, checkpointing) runs in its own process, so that peak memory is its
-own (RSS on the CPU, max_memory_allocated on CUDA, both from just before the first step) and
-two SD-1.5 optimizers never share the 24 GB. Prints one JSON object per case and
-checkpointing setting: median step milliseconds, peak MB, and the ratios ours / diffusers.
+own (RSS on the CPU, max_memory_allocated on CUDA, from just before the first step: weights
+and the process's baseline included) and two SD-1.5 optimizers never share the 24 GB. Prints
+one JSON object per case and checkpointing setting: median step milliseconds, peak MB, the
+MB the steps added to what was resident before them, and the ratios ours / diffusers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from bench.common import ROOT, emit, environment, interleaved, ms, peak_memory_mb
 from bench.reference import diffusers_unet, model_config, ours_unet
+from ldm.models.diffusion.ddpm import make_optimizer
 
 # name: (config, batch, latent size)
 CASES = {
@@ -41,6 +43,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--repeats", type=int, default=3)
     add("--dtype", default="fp32", choices=list(DTYPES), help="autocast dtype of the step")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--same_optimizer", action="store_true", help="plain torch.optim.AdamW on both sides")
     add("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     add("--case", help=argparse.SUPPRESS)
     return parser
@@ -55,10 +58,10 @@ def reset_peak_memory(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def peak_rss_mb() -> float:
-    """VmHWM of this process: the peak resident memory since the last reset."""
+def proc_status_mb(field: str) -> float:
+    """A memory figure of /proc/self/status (VmRSS: now, VmHWM: peak since the last reset)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return peak_memory_mb()
 
@@ -85,7 +88,13 @@ def worker(opt) -> dict:
     x = torch.randn(batch, params.in_channels, size, size, device=device)
     target, t = torch.randn_like(x), torch.randint(0, 1000, (batch,), device=device)
     context = torch.randn(batch, 77, params.context_dim, device=device)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    # Each side's training default: ours make_optimizer's (fused AdamW), diffusers' training
+    # scripts' torch.optim.AdamW (per-tensor); --same_optimizer gives both the latter.
+    weights = list(unet.parameters())
+    if opt.worker == "ours" and not opt.same_optimizer:
+        optimizer = make_optimizer(None, weights, lr=1e-5)
+    else:
+        optimizer = torch.optim.AdamW(weights, lr=1e-5)
     dtype = DTYPES[opt.dtype]
     autocast = torch.autocast(device.type, dtype) if dtype else contextlib.nullcontext()
 
@@ -97,16 +106,18 @@ def worker(opt) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     reset_peak_memory(device)
+    before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    before = proc_status_mb("VmRSS") if before is None else before
     seconds = interleaved({"step": step}, opt.repeats, device=device)["step"]
-    peak = peak_memory_mb(device) if device.type == "cuda" else peak_rss_mb()
-    return {"step_s": seconds, "peak_mb": peak}
+    peak = peak_memory_mb(device) if device.type == "cuda" else proc_status_mb("VmHWM")
+    return {"step_s": seconds, "peak_mb": peak, "added_mb": peak - before}
 
 
 def run_worker(opt, implementation: str, case: str, checkpointing: str) -> dict:
     command = [
         sys.executable, "-m", "bench.train_step", "--worker", implementation, "--case", case,
         "--checkpointing", checkpointing, "--repeats", str(opt.repeats), "--dtype", opt.dtype,
-        "--device", opt.device,
+        "--device", opt.device, *(["--same_optimizer"] if opt.same_optimizer else []),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
@@ -119,7 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if opt.worker:
         emit(worker(opt))
         return []
-    emit({"bench": "train_step", "dtype": opt.dtype, **environment()})
+    optimizers = "same (AdamW)" if opt.same_optimizer else "ours: fused AdamW, diffusers: AdamW"
+    emit({"bench": "train_step", "dtype": opt.dtype, "optimizers": optimizers, **environment()})
     results = []
     for case in opt.cases.split(","):
         for checkpointing in opt.checkpointing.split(","):
@@ -132,6 +144,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "ours_peak_mb": round(ours["peak_mb"]),
                 "diffusers_peak_mb": round(theirs["peak_mb"]),
                 "memory_ratio": round(ours["peak_mb"] / theirs["peak_mb"], 3),
+                "ours_added_mb": round(ours["added_mb"]),
+                "diffusers_added_mb": round(theirs["added_mb"]),
             }  # fmt: skip
             emit(record)
             results.append(record)

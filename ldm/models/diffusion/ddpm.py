@@ -361,9 +361,11 @@ def check_self_conditioning_channels(unet_config: Mapping, channels: int, condit
 
 
 def make_optimizer(config: Mapping | None, params: list[nn.Parameter], lr: float):
-    """AdamW at `lr`, or the optimizer class `config` names (`target`, `params`) at `lr`."""
+    """AdamW at `lr` (fused where torch has the kernel: a few times faster than the per-tensor
+    default for a many-tensor UNet), or the class `config` names (`target`, `params`) at `lr`."""
     if config is None:
-        return torch.optim.AdamW(params, lr=lr)
+        fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(params, lr=lr, fused=fused or None)
     target = config.get("target") if isinstance(config, Mapping) else None
     if target is None:
         raise ConfigError(f"optimizer_config needs a 'target' such as torch.optim.AdamW: {config}")
