@@ -101,7 +101,7 @@ def test_checkpointing_recomputes_in_backward(monkeypatch):
     "override,message",
     [
         ({"num_classes": 10}, "num_classes"),
-        ({"use_spatial_transformer": False}, "use_spatial_transformer"),
+        ({"context_dim": None}, "use_spatial_transformer needs an int context_dim"),
         ({"num_head_channels": 8}, "exactly one of num_heads and num_head_channels"),
         ({"model_channels": 20}, "multiple of 32"),
     ],
@@ -109,3 +109,69 @@ def test_checkpointing_recomputes_in_backward(monkeypatch):
 def test_unsupported_unet_params_are_named(override, message):
     with pytest.raises((NotImplementedError, ValueError), match=message):
         instantiate_from_config(tiny_unet_config(**override).params.unet_config)
+
+
+def unconditional_unet_config(**overrides):
+    params = dict(
+        image_size=16, in_channels=3, out_channels=3, model_channels=32, num_res_blocks=1,
+        attention_resolutions=[2], channel_mult=[1, 2], num_heads=2,
+    )  # fmt: skip
+    params.update(overrides)
+    return {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": params}
+
+
+def original_qkv_attention(qkv, heads: int, new_order: bool):
+    """The original QKVAttentionLegacy / QKVAttention, written out with einsum and softmax."""
+    b, width, t = qkv.shape
+    ch = width // (3 * heads)
+    if new_order:
+        q, k, v = (z.reshape(b * heads, ch, t) for z in qkv.chunk(3, dim=1))
+    else:
+        q, k, v = qkv.reshape(b * heads, 3 * ch, t).split(ch, dim=1)
+    scale = 1 / ch**0.25
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale).softmax(dim=-1)
+    return torch.einsum("bts,bcs->bct", weight, v).reshape(b, -1, t)
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+def test_unconditional_unet_attention_matches_the_original_math(new_order):
+    config = unconditional_unet_config(use_new_attention_order=new_order)
+    unet = randomize(instantiate_from_config(config)).eval()
+    keys = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    assert keys["input_blocks.3.1.qkv.weight"] == (192, 64, 1)
+    assert keys["middle_block.1.proj_out.weight"] == (64, 64, 1)
+    assert not any("transformer" in k for k in keys)
+    block = unet.middle_block[1]
+    x = torch.randn(2, 64, 4, 4)
+    with torch.no_grad():
+        flat = x.reshape(2, 64, 16)
+        h = original_qkv_attention(block.qkv(block.norm(flat)), 2, new_order)
+        expected = (flat + block.proj_out(h)).reshape(2, 64, 4, 4)
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+        assert unet(torch.randn(2, 3, 16, 16), torch.tensor([3, 700])).shape == (2, 3, 16, 16)
+
+
+def test_num_heads_upsample_sets_the_decoder_heads_of_legacy_unets():
+    config = unconditional_unet_config(num_heads=4, num_heads_upsample=2, legacy=True)
+    unet = instantiate_from_config(config)
+    assert unet.input_blocks[3][1].num_heads == 4 and unet.middle_block[1].num_heads == 4
+    assert unet.output_blocks[0][1].num_heads == 2
+    config = unconditional_unet_config(num_heads=4, num_heads_upsample=2, legacy=False)
+    assert instantiate_from_config(config).output_blocks[0][1].num_heads == 4  # as the original
+
+
+def test_pixel_ddpm_trains_with_the_original_unet():
+    from conftest import fit_fixed_batch
+
+    from ldm.models.diffusion.ddpm import DDPM
+
+    model = DDPM(
+        unet_config=unconditional_unet_config(), image_size=16, channels=3,
+        parameterization="v", beta_schedule="cosine", use_ema=False,
+    )  # fmt: skip
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    t, noise = torch.tensor([10, 300, 600, 900]), torch.randn(4, 3, 16, 16)
+    losses, _ = fit_fixed_batch(model, x0, None, t, noise, steps=15, lr=1e-3)
+    assert losses[-1] < 0.7 * losses[0]
+    with torch.no_grad():
+        assert model.sample(None, 2, steps=3).shape == (2, 3, 16, 16)

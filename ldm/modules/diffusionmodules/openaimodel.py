@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
@@ -23,8 +24,6 @@ COMPAT_PARAMS = {
     "image_size": "unused by the original too; the UNet is fully convolutional",
     "use_fp16": "the original only cast inputs and relied on autocast; precision is chosen by "
     "the Trainer's `precision` or the sampler's autocast",
-    "legacy": "only changes head sizes of the legacy QKV attention, which is not built here",
-    "num_heads_upsample": "only used by the legacy QKV attention, which is not built here",
 }
 
 
@@ -62,6 +61,35 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the pixels with 1-d conv projections: the original's attention for
+    UNets without cross-attention (`use_spatial_transformer: false`, e.g. unconditional LDMs).
+
+    The qkv channels are ordered per head ([q k v] of head 0, then head 1, ...: the original's
+    "legacy" order) or, with `new_order`, as [all q | all k | all v].
+    """
+
+    def __init__(self, channels: int, num_heads: int, use_checkpoint: bool, new_order: bool):
+        super().__init__()
+        self.num_heads, self.new_order, self.use_checkpoint = num_heads, new_order, use_checkpoint
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return maybe_checkpoint(self._forward, x, enabled=self.use_checkpoint)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x_flat = x.reshape(b, c, h * w)
+        qkv = self.qkv(self.norm(x_flat))  # (B, 3C, T)
+        order = "(three heads d)" if self.new_order else "(heads three d)"
+        q, k, v = rearrange(qkv, f"b {order} t -> three b heads t d", three=3, heads=self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d)
+        out = self.proj_out(rearrange(out, "b heads t d -> b (heads d) t"))
+        return (x_flat + out).reshape(b, c, h, w)
 
 
 class ResBlock(nn.Module):
@@ -147,12 +175,12 @@ class UNetModel(nn.Module):
         _reject_unsupported(
             conv_resample=(conv_resample, True), dims=(dims, 2), num_classes=(num_classes, None),
             resblock_updown=(resblock_updown, False), n_embed=(n_embed, None),
-            use_new_attention_order=(use_new_attention_order, False),
-            use_spatial_transformer=(use_spatial_transformer, True),
             num_attention_blocks=(num_attention_blocks, None),
         )  # fmt: skip
-        if context_dim is None or not isinstance(context_dim, int):
-            raise ValueError(f"UNetModel: context_dim must be an int, got {context_dim!r}")
+        if use_spatial_transformer and not isinstance(context_dim, int):
+            raise ValueError(
+                f"UNetModel: use_spatial_transformer needs an int context_dim, got {context_dim!r}"
+            )
         if (num_heads == -1) == (num_head_channels == -1):
             raise ValueError("UNetModel: set exactly one of num_heads and num_head_channels")
         self.model_channels = model_channels
@@ -165,6 +193,9 @@ class UNetModel(nn.Module):
         self.attn_kwargs = dict(
             num_heads=num_heads, num_head_channels=num_head_channels, depth=transformer_depth,
             context_dim=context_dim, use_linear=use_linear_in_transformer,
+            spatial=use_spatial_transformer, new_order=use_new_attention_order,
+            # The original's decoder AttentionBlocks took num_heads_upsample only in this case.
+            heads_upsample=num_heads_upsample if legacy and num_head_channels == -1 else -1,
         )  # fmt: skip
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -187,9 +218,16 @@ class UNetModel(nn.Module):
             ch, emb_dim, out_channels=out_ch, **self.block_kwargs, **self.resblock_kwargs
         )
 
-    def _transformer(self, ch: int, disable_self_attn: bool) -> SpatialTransformer:
+    def _attention(self, ch: int, disable_self_attn: bool, decoder: bool = False) -> nn.Module:
+        """A SpatialTransformer (cross-attention) or, without one, a self-attention block."""
         kw = self.attn_kwargs
         heads = kw["num_heads"] if kw["num_head_channels"] == -1 else ch // kw["num_head_channels"]
+        if not kw["spatial"]:
+            if decoder and kw["heads_upsample"] != -1:
+                heads = kw["heads_upsample"]
+            return AttentionBlock(
+                ch, heads, self.block_kwargs["use_checkpoint"], new_order=kw["new_order"]
+            )
         return SpatialTransformer(
             ch, heads, ch // heads, depth=kw["depth"], dropout=self.block_kwargs["dropout"],
             context_dim=kw["context_dim"], disable_self_attn=disable_self_attn,
@@ -205,7 +243,7 @@ class UNetModel(nn.Module):
                 layers = [self._resblock(ch, emb_dim, mult * self.model_channels)]
                 ch = mult * self.model_channels
                 if ds in self.attention_resolutions:
-                    layers.append(self._transformer(ch, self.disable_self_attentions[level]))
+                    layers.append(self._attention(ch, self.disable_self_attentions[level]))
                 blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(self.channel_mult) - 1:
@@ -217,7 +255,7 @@ class UNetModel(nn.Module):
     def _make_middle_block(self, ch: int, emb_dim: int, disable_self_attn: bool):
         return TimestepEmbedSequential(
             self._resblock(ch, emb_dim, ch),
-            self._transformer(ch, disable_self_attn),
+            self._attention(ch, disable_self_attn),
             self._resblock(ch, emb_dim, ch),
         )
 
@@ -233,7 +271,9 @@ class UNetModel(nn.Module):
                 ]
                 ch = mult * self.model_channels
                 if ds in self.attention_resolutions:
-                    layers.append(self._transformer(ch, self.disable_self_attentions[level]))
+                    layers.append(
+                        self._attention(ch, self.disable_self_attentions[level], decoder=True)
+                    )
                 if level and i == self.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
