@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-from bench.common import emit, environment, interleaved, ms
+from bench.common import compared, emit, environment, interleaved
 from bench.reference import diffusers_ddim, diffusers_unet, model_config, randomized
 from ldm.util import instantiate_from_config
 
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             outside[name] = round(1 - timer.total / total, 4)
     record = {
         "bench": "sampling", "config": opt.config, "steps": opt.steps, "batch": opt.batch,
-        "latent": size, "ours_ms": ms(times["ours"]), "diffusers_ms": ms(times["diffusers"]),
-        "ratio": round(times["ours"] / times["diffusers"], 3),
+        "latent": size, **compared(times["ours"], times["diffusers"]),
         "outside_unet_ours": outside["ours"], "outside_unet_diffusers": outside["diffusers"],
         "max_abs_difference": difference, **environment(),
     }  # fmt: skip

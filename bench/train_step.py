@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import ROOT, emit, environment, interleaved, ms, peak_memory_mb
+from bench.common import ROOT, compared, emit, environment, interleaved, peak_memory_mb
 from bench.reference import diffusers_unet, model_config, ours_unet
 from ldm.models.diffusion.ddpm import make_optimizer
 
@@ -136,19 +136,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for case in opt.cases.split(","):
         for checkpointing in opt.checkpointing.split(","):
             ours, theirs = (run_worker(opt, i, case, checkpointing) for i in ("ours", "diffusers"))
-            record = {
+            results.append(emit({
                 "case": case, "batch": CASES[case][1], "latent": CASES[case][2],
                 "checkpointing": checkpointing == "1",
-                "ours_ms": ms(ours["step_s"]), "diffusers_ms": ms(theirs["step_s"]),
-                "time_ratio": round(ours["step_s"] / theirs["step_s"], 3),
+                **compared(ours["step_s"], theirs["step_s"]),
                 "ours_peak_mb": round(ours["peak_mb"]),
                 "diffusers_peak_mb": round(theirs["peak_mb"]),
                 "memory_ratio": round(ours["peak_mb"] / theirs["peak_mb"], 3),
                 "ours_added_mb": round(ours["added_mb"]),
                 "diffusers_added_mb": round(theirs["added_mb"]),
-            }  # fmt: skip
-            emit(record)
-            results.append(record)
+            }))  # fmt: skip
     return results
 
 

@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from bench.common import emit, environment, interleaved, ms
+from bench.common import compared, emit, environment, interleaved
 from bench.reference import diffusers_unet, model_config, ours_unet
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,14 +82,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "diffusers": forward_fn(theirs, False, x, t, context, dtype),
                 }
                 times = interleaved(cases, opt.repeats, device=device)
-                record = {
+                results.append(emit({
                     "dtype": dtype_name, "batch": batch, "latent": size,
-                    "ours_ms": ms(times["ours"]), "diffusers_ms": ms(times["diffusers"]),
-                    "ratio": round(times["ours"] / times["diffusers"], 3),
+                    **compared(times["ours"], times["diffusers"]),
                     "compile": opt.compile, "channels_last": opt.channels_last,
-                }  # fmt: skip
-                emit(record)
-                results.append(record)
+                }))  # fmt: skip
     return results
 
 

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from bench.common import emit, environment, interleaved, ms
+from bench.common import compared, emit, environment, interleaved
 from bench.reference import diffusers_vae, model_config, ours_vae
 from bench.unet import DTYPES
 
@@ -67,13 +67,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for direction, fns in directions.items():
             cases = {name: timed(fn, dtype, device) for name, fn in fns.items()}
             times = interleaved(cases, opt.repeats, device=device)
-            record = {
+            results.append(emit({
                 "dtype": dtype_name, "direction": direction, "batch": opt.batch,
-                "ours_ms": ms(times["ours"]), "diffusers_ms": ms(times["diffusers"]),
-                "ratio": round(times["ours"] / times["diffusers"], 3),
-            }  # fmt: skip
-            emit(record)
-            results.append(record)
+                **compared(times["ours"], times["diffusers"]),
+            }))  # fmt: skip
     return results
 
 
