@@ -94,13 +94,15 @@ def encode_batch(model, batch: Mapping) -> dict[str, torch.Tensor]:
 
 
 def encode_shard(model, dataset: Dataset, indices: range, batch_size: int, context) -> tuple:
-    """({key: (n, ...) tensor}, captions) of the items at `indices`, encoded in batches."""
+    """({key: (n, ...) tensor}, captions) of the items at `indices`, encoded in batches; no
+    captions for an unconditional model."""
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size)
     parts, captions = [], []
     for batch in loader:
         with context():
             parts.append(encode_batch(model, batch))
-        captions += list(batch[model.cond_stage_key])
+        if model.cond_stage_model is not None:
+            captions += list(batch[model.cond_stage_key])
     tensors = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     return tensors, captions
 
@@ -179,7 +181,7 @@ class CachedLatents(Dataset):
         if shard not in self._open:
             handle = safe_open(shard_path(self.root, shard), framework="pt")
             self._open[shard] = handle, json.loads(handle.metadata()["captions"])
-        return self._open[shard]
+        return self._open[shard]  # captions: [] for an unconditional model
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
@@ -187,7 +189,7 @@ class CachedLatents(Dataset):
         handle, captions = self.shard(index // self.shard_size)
         row = index % self.shard_size
         item = {key: handle.get_slice(key)[row] for key in handle.keys()}
-        return {**item, self.caption_key: captions[row]}
+        return {**item, self.caption_key: captions[row]} if captions else item
 
 
 class LatentCache(pl.Callback):
@@ -239,6 +241,7 @@ class LatentCache(pl.Callback):
             "length": len(dataset),
             "model": model.cache_identity,
             "precision": str(trainer.precision),
+            "shard_size": self.shard_size,
         }
         key = fingerprint(model, identity)
         root = self.dir / split
