@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -127,15 +127,24 @@ def save_checkpoint(
 ) -> None:
     """Write `state_dict` atomically: flat for .safetensors, under "state_dict" for .ckpt."""
     path = Path(path)
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    if path.suffix == ".safetensors":
+        metadata = {k: str(v) for k, v in (extra or {}).items()}
+        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    else:
+        checkpoint = {"state_dict": tensors, **(extra or {})}
+        write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then rename it onto `path`: a crash or a
+    full disk mid-write leaves any previous file at `path` intact."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-        if path.suffix == ".safetensors":
-            save_file(tensors, tmp, metadata={k: str(v) for k, v in (extra or {}).items()})
-        else:
-            torch.save({"state_dict": tensors, **(extra or {})}, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -113,6 +113,19 @@ def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# Caption keys that stand in for each other: SD's configs say `txt`, our data sets `caption`.
+KEY_ALIASES = {"txt": "caption", "caption": "txt"}
+
+
+def batch_item(batch: Mapping, key: str) -> object:
+    """`batch[key]` (or its alias), or an error naming the key and the keys the batch has."""
+    if key not in batch and KEY_ALIASES.get(key) in batch:
+        key = KEY_ALIASES[key]
+    if key not in batch:
+        raise KeyError(f"batch has no {key!r} entry (it has {sorted(batch)}); check the data keys")
+    return batch[key]
+
+
 def channels_first(images: torch.Tensor) -> torch.Tensor:
     """Batch images (B, H, W, C), or (B, H, W) as C = 1, as float contiguous (B, C, H, W)."""
     if images.ndim == 3:

@@ -189,3 +189,10 @@ def test_a_trainable_text_encoder_caches_only_latents(tmp_path):
     loss.backward()  # through the text encoder, which trains
     grads = [p.grad for p in model.cond_stage_model.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_sd_configs_caption_key_txt_finds_the_captions(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(model, "cond_stage_key", "txt")  # SD's configs; our data says "caption"
+    dataset = SyntheticShapes(size=32, length=3, seed=3)
+    build(model, dataset, tmp_path)
+    assert CachedLatents(tmp_path, caption_key="txt")[2]["txt"] == dataset[2]["caption"]

@@ -23,18 +23,19 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import move_data_to_device
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
-from ldm.util import channels_first, to_plain
+from ldm.checkpoint import write_atomically
+from ldm.util import batch_item, to_plain
 
 logger = logging.getLogger(__name__)
 
@@ -72,23 +73,13 @@ def shard_key(path: Path) -> str | None:
         return None
 
 
-def write_atomically(path: Path, write) -> None:
-    """`write(tmp)` then rename onto `path`, so a crash never leaves a half-written file there."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @torch.no_grad()
 def encode_batch(model, batch: Mapping) -> dict[str, torch.Tensor]:
     """The model's posterior moments (B, 2C, h, w) and, for a frozen text encoder, its context."""
-    x = channels_first(batch[model.first_stage_key]).to(model.device)
-    out = {MOMENTS_KEY: model.encode_first_stage(x).parameters.float().cpu()}
+    posterior = model.first_stage_posterior(move_data_to_device(batch, model.device))
+    out = {MOMENTS_KEY: posterior.parameters.float().cpu()}
     if model.cond_stage_model is not None and not model.cond_stage_trainable:
-        captions = list(batch[model.cond_stage_key])
+        captions = list(batch_item(batch, model.cond_stage_key))
         out[CONTEXT_KEY] = model.get_learned_conditioning(captions).float().cpu()  # (B, L, D)
     return out
 
@@ -102,7 +93,7 @@ def encode_shard(model, dataset: Dataset, indices: range, batch_size: int, conte
         with context():
             parts.append(encode_batch(model, batch))
         if model.cond_stage_model is not None:
-            captions += list(batch[model.cond_stage_key])
+            captions += list(batch_item(batch, model.cond_stage_key))
     tensors = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     return tensors, captions
 
@@ -142,7 +133,8 @@ def write_manifest(root: Path, key: str, length: int, shard_size: int) -> None:
         if int(extra.stem.split("-")[1]) >= n_shards:
             extra.unlink()
     manifest = {"format": CACHE_FORMAT, "key": key, "length": length, "shard_size": shard_size}
-    write_atomically(root / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    text = json.dumps(manifest, indent=1)
+    write_atomically(root / MANIFEST, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_manifest(root: Path) -> dict | None:

@@ -26,7 +26,9 @@ from ldm.modules.acceleration import accelerate
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import (
+    KEY_ALIASES,
     ConfigError,
+    batch_item,
     channels_first,
     get_obj_from_str,
     instantiate_from_config,
@@ -67,19 +69,8 @@ class DiffusionWrapper(nn.Module):
         return self.diffusion_model(x, t, context=context)
 
 
-# Caption keys that stand in for each other: SD's configs say `txt`, our data sets `caption`.
-KEY_ALIASES = {"txt": "caption", "caption": "txt"}
 # Seeds the fixed noise of validation and test losses, so runs compare across resumes.
 EVAL_SEED = 1234
-
-
-def batch_item(batch: Mapping, key: str) -> object:
-    """`batch[key]` (or its alias), or an error naming the key and the keys the batch has."""
-    if key not in batch and KEY_ALIASES.get(key) in batch:
-        key = KEY_ALIASES[key]
-    if key not in batch:
-        raise KeyError(f"batch has no {key!r} entry (it has {sorted(batch)}); check the data keys")
-    return batch[key]
 
 
 class DDPM(pl.LightningModule):
