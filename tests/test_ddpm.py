@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -9,11 +11,10 @@ from conftest import diffusers_original_config, fit_fixed_batch, load_config, sd
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
+from scipy import stats
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ldm.models.diffusion import schedule
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.models.diffusion.noise import training_noise
 from ldm.util import ConfigError, instantiate_from_config
 
 SCHEDULE_BUFFERS = 12
@@ -200,30 +201,113 @@ def test_scale_by_std_sets_unit_variance_latents_on_first_batch():
     assert "scale_factor" in model.state_dict()
 
 
-@pytest.mark.parametrize("parameterization", ["eps", "v"])
-def test_min_snr_gamma_weights_each_sample_of_the_loss(parameterization):
-    plain = build("tiny/txt2img.yaml", parameterization=parameterization, min_snr_gamma=None)
-    weighted = build("tiny/txt2img.yaml", parameterization=parameterization, min_snr_gamma=5.0)
-    weighted.load_state_dict(plain.state_dict())
-    z, c = plain.get_input(tiny_batch(1))
-    expected = schedule.min_snr_weights(plain.alphas_cumprod, parameterization, 5.0)
-    for t in (20, 500, 980):
-        t, noise = torch.tensor([t]), torch.randn_like(z)
-        loss, logs = plain.p_losses(z, c, t, noise)
-        loss_w, logs_w = weighted.p_losses(z, c, t, noise)
-        torch.testing.assert_close(loss_w, expected[t[0]] * loss)
-        torch.testing.assert_close(logs_w["train/loss_simple"], logs["train/loss_simple"])
+# --- p_losses against the loss written out ------------------------------------------------------
+
+SD_LINEAR = dict(beta_schedule="linear", linear_start=0.00085, linear_end=0.012)
 
 
-def test_noise_options_shape_the_training_noise():
-    model = build("tiny/txt2img.yaml", offset_noise_strength=0.1, immiscible=True)
-    z, c = model.get_input(tiny_batch())
-    t = torch.tensor([10, 200, 500, 900])
-    torch.manual_seed(5)
-    loss, _ = model.p_losses(z, c, t)
-    torch.manual_seed(5)
-    expected, _ = model.p_losses(z, c, t, training_noise(z, 0.1, immiscible=True))
-    torch.testing.assert_close(loss, expected)
+def sd_alphas_cumprod() -> torch.Tensor:
+    """SD's schedule by hand: betas linear in sqrt(beta), alphas_cumprod their running product."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def stand_in_net(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A fixed nonlinear function of (x_t, t) in place of the UNet."""
+    return 0.5 * torch.tanh(2 * x_t) + t.to(x_t).reshape(-1, 1, 1, 1) / 1000
+
+
+class StandIn:
+    """apply_model replaced by stand_in_net, keeping the x_t it was given."""
+
+    def __call__(self, x_t, t, cond=None, self_cond=None):
+        self.x_t = x_t
+        return stand_in_net(x_t, t)
+
+
+def stand_in_model(**params) -> tuple[LatentDiffusion, StandIn]:
+    """The tiny LatentDiffusion on SD's schedule without its stages, its network a StandIn."""
+    config = load_config("tiny/txt2img.yaml").model
+    config.params.update(first_stage_config={"target": "torch.nn.Identity"}, **SD_LINEAR)
+    config.params.update(cond_stage_config={"target": "torch.nn.Identity"}, **params)
+    model = instantiate_from_config(config)
+    model.apply_model = StandIn()
+    return model, model.apply_model
+
+
+@pytest.mark.parametrize("gamma", [None, 5.0])
+@pytest.mark.parametrize("parameterization", ["eps", "v", "x0"])
+def test_p_losses_is_the_weighted_mse_to_the_written_out_target(parameterization, gamma):
+    model, net = stand_in_model(parameterization=parameterization, min_snr_gamma=gamma)
+    x0, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([0, 250, 600, 999])
+    loss, logs = model.p_losses(x0, None, t, eps)
+
+    ac = sd_alphas_cumprod()
+    a = ac[t].reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps  # Ho et al. 2020, eq. 4
+    torch.testing.assert_close(net.x_t, x_t.float())
+    target = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[parameterization]
+    mse = ((stand_in_net(x_t, t) - target) ** 2).mean(dim=(1, 2, 3))  # (B,)
+    snr = ac[t] / (1 - ac[t])
+    weight = torch.ones(4, dtype=torch.float64)
+    if gamma is not None:  # Hang et al. 2023: min(SNR, gamma) in x0 terms, moved to the target
+        clipped = snr.clamp(max=gamma)
+        weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[parameterization]
+    torch.testing.assert_close(logs["train/loss_simple"].double(), mse.mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double(), (weight * mse).mean(), rtol=1e-5, atol=0)
+
+    # The bound's L_t weights (Ho et al. 2020, eq. 12); t = 0 borrows t = 1's (zero variance).
+    s = t.clamp(min=1)
+    betas = 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
+    variance = betas[s] * (1 - ac[s - 1]) / (1 - ac[s])
+    eps_weight = betas[s] ** 2 / (2 * variance * (1 - betas[s]) * (1 - ac[s]))
+    x0_weight = (betas[s] * ac[s - 1].sqrt() / (1 - ac[s])) ** 2 / (2 * variance)
+    vlb = {"eps": eps_weight, "x0": x0_weight, "v": eps_weight * ac[s]}[parameterization]
+    torch.testing.assert_close(
+        logs["train/loss_vlb"].double(), (vlb * mse).mean(), rtol=1e-4, atol=0
+    )
+
+
+def drawn_noise(model: LatentDiffusion, net: StandIn, x0: torch.Tensor, t: torch.Tensor):
+    """The noise p_losses drew itself, read back from the x_t it gave the network."""
+    loss, _ = model.p_losses(x0, None, t)
+    a = sd_alphas_cumprod()[t].reshape(-1, 1, 1, 1).float()
+    eps = (net.x_t - a.sqrt() * x0) / (1 - a).sqrt()
+    mse = ((stand_in_net(net.x_t, t) - eps) ** 2).mean()  # eps-parameterised
+    torch.testing.assert_close(loss, mse)
+    return eps
+
+
+def test_p_losses_draws_offset_noise_with_the_closed_form_statistics():
+    strength = 0.3
+    model, net = stand_in_model(
+        parameterization="eps", min_snr_gamma=None, offset_noise_strength=strength
+    )
+    x0 = torch.randn(2048, 4, 4, 4)
+    eps = drawn_noise(model, net, x0, torch.full((2048,), 500)).double()
+    # Per (sample, channel): the mean of 16 unit normals plus strength * N(0, 1), and a
+    # within-channel spread that the shared offset leaves alone (15 s^2 ~ chi2(15)).
+    means = eps.mean(dim=(2, 3)).flatten()
+    spread = 15 * eps.flatten(2).var(dim=2).flatten()
+    offset_std = (1 / 16 + strength**2) ** 0.5
+    assert stats.kstest(means.numpy(), stats.norm(scale=offset_std).cdf).pvalue > 1e-3
+    assert stats.kstest(spread.numpy(), stats.chi2(15).cdf).pvalue > 1e-3
+
+
+def test_p_losses_pairs_its_noise_with_the_nearest_assignment():
+    model, net = stand_in_model(
+        parameterization="eps", min_snr_gamma=None, offset_noise_strength=0.1, immiscible=True
+    )
+    x0 = torch.randn(6, 4, 8, 8) + torch.linspace(-2, 2, 6).reshape(-1, 1, 1, 1)
+    eps = drawn_noise(model, net, x0, torch.tensor([1, 100, 300, 500, 700, 900]))
+
+    def cost(order) -> float:
+        return sum((x0[i] - eps[j]).norm().item() for i, j in enumerate(order))
+
+    assert cost(range(6)) == pytest.approx(
+        min(cost(p) for p in itertools.permutations(range(6))), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize(

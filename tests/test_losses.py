@@ -87,7 +87,10 @@ def test_gan_terms_start_at_disc_start_with_an_adaptive_weight():
     )
     ae_loss, logs, d_loss, _ = phases(loss, global_step=5)
     assert logs["train/disc_factor"] == 0 and logs["train/d_weight"] == 0 and d_loss == 0
-    assert ae_loss.isfinite()
+    # before disc_start the loss is the L1 NLL (logvar 0: summed over 3 x 16 x 16) plus the KL
+    nll = logs["train/rec_loss"].item() * 3 * 16 * 16
+    assert logs["train/nll_loss"].item() == pytest.approx(nll, rel=1e-5)
+    assert ae_loss.item() == pytest.approx(nll + logs["train/kl_loss"].item(), rel=1e-5)
     ae_loss, logs, d_loss, d_logs = phases(loss, global_step=10)
     assert logs["train/disc_factor"] == 1 and logs["train/d_weight"] > 0 and d_loss > 0
     assert {"train/logits_real", "train/logits_fake"} <= set(d_logs)

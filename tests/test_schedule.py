@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -48,7 +50,10 @@ def test_buffers_have_the_original_names_and_relations():
     torch.testing.assert_close(buffers["sqrt_recip_alphas_cumprod"] ** 2 * ac, torch.ones_like(ac))
     torch.testing.assert_close(buffers["sqrt_recipm1_alphas_cumprod"] ** 2, 1 / ac - 1)
     assert buffers["posterior_variance"][0] == 0
-    assert buffers["posterior_log_variance_clipped"].isfinite().all()
+    # The original's log(max(variance, 1e-20)): finite at t = 0, the plain log after.
+    log_variance = buffers["posterior_log_variance_clipped"]
+    assert log_variance[0].item() == pytest.approx(math.log(1e-20))
+    torch.testing.assert_close(log_variance[1:], buffers["posterior_variance"][1:].log())
     # x_{t-1}'s posterior mean is x_t itself when x0 = x_t / sqrt(a_t) has no noise: at t = 0
     # coef1 = 1 and coef2 = 0 (Ho et al. 2020, eq. 7).
     assert buffers["posterior_mean_coef1"][0] == pytest.approx(1.0)
