@@ -28,7 +28,7 @@ from ldm.callbacks import (
     SetupCallback,
     SkippedImagesReport,
 )
-from ldm.checkpoint import load_weights
+from ldm.checkpoint import UNSAFE_PICKLE_FLAG, CheckpointError, load_weights
 from ldm.data import DataModuleFromConfig  # noqa: F401  (original configs name main.DataModuleFromConfig)
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -39,6 +39,9 @@ TRAINER_FLAGS = (
     "accelerator", "devices", "precision", "max_steps", "accumulate_grad_batches",
     "num_nodes", "strategy",
 )  # fmt: skip
+DEFAULT_SEED = 23
+RUN_TIMESTAMP_ENV = "LDM_RUN_TIMESTAMP"
+KEEP_CHECKPOINTS = 3  # step checkpoints kept by default (and best ones, with a monitor)
 DEFAULT_LOGGER = {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"name": "csv"}}
 # Lightning warnings about what is here by design: the frozen first and condition stages stay
 # in eval mode, and the autoencoder's checkpoints hold the state after its (manual) step.
@@ -67,11 +70,16 @@ def get_parser() -> argparse.ArgumentParser:
         default=[],
         help="configs, merged left to right; `key=value` arguments after them override",
     )
-    add("-t", "--train", action="store_true", help="train (otherwise only build and test)")
+    add(
+        "-t",
+        "--train",
+        action="store_true",
+        help="train; without it, evaluate on the test split (else validation) and stop",
+    )
     add("-n", "--name", default="", help="postfix of the log dir name")
     add("-p", "--project", help="name of a new or existing project log dir")
     add("-r", "--resume", default="", help="resume from a log dir or a checkpoint in one")
-    add("-s", "--seed", type=int, default=23, help="seed for everything")
+    add("-s", "--seed", type=int, help=f"the run's seed (default {DEFAULT_SEED}; -r: the run's)")
     add("-l", "--logdir", default="logs", help="where log dirs are created")
     add(
         "--scale_lr",
@@ -84,6 +92,12 @@ def get_parser() -> argparse.ArgumentParser:
     add("-d", "--debug", action="store_true", help="put the log dir under logdir/debug_runs")
     add("--no-test", action="store_true", help="skip testing after training")
     add("--finetune_from", default="", help="initialise weights (only) from a .ckpt/.safetensors")
+    add(
+        UNSAFE_PICKLE_FLAG,
+        action="store_true",
+        help="unpickle Python objects in --finetune_from / -r .ckpt files (runs their code: "
+        "only for files you trust; off: tensors only)",
+    )
     add("--accelerator", help="cpu, gpu, mps or auto")
     add("--devices", "--gpus", dest="devices", help="number or list of devices, e.g. 2 or 0,1")
     add("--precision", choices=["32", "32-true", "16-mixed", "bf16-mixed", "bf16-true"])
@@ -106,6 +120,18 @@ def resolve_resume(resume: str) -> tuple[str, str]:
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"-r/--resume: no {ckpt}; pass the checkpoint to resume from")
     return resume.rstrip("/"), ckpt
+
+
+def run_timestamp() -> str:
+    """The run's start time, which names its log dir. The DDP processes that Lightning starts
+    by running this script again (LOCAL_RANK 1, 2, ...) take the one their parent put in
+    RUN_TIMESTAMP_ENV instead of their own, so every rank uses the same log dir."""
+    inherited = os.environ.get(RUN_TIMESTAMP_ENV)
+    if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
+        return inherited
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    os.environ[RUN_TIMESTAMP_ENV] = now
+    return now
 
 
 def make_run_dirs(opt: argparse.Namespace, now: str) -> tuple[str, str, list[str]]:
@@ -131,6 +157,23 @@ def load_config(files: list[str], overrides: list[str]) -> DictConfig:
         raise SystemExit(f"main.py: unrecognised arguments {bad}; overrides look like key=value")
     configs = [OmegaConf.load(path) for path in files]
     return OmegaConf.merge(*configs, OmegaConf.from_dotlist(overrides))
+
+
+def run_seed(flag: int | None, config: DictConfig, resuming: bool) -> int:
+    """The run's seed: `-s`, else the config's `seed:`, else 23; stored as `seed:` in the saved
+    config, so that `-r` takes it back. On resume an `-s` that differs from it is refused."""
+    saved = None if config.get("seed") is None else int(config.seed)
+    if resuming and saved is None:
+        logger.warning("the run's configs record no seed (an older run): taking %s",
+                       DEFAULT_SEED if flag is None else flag)  # fmt: skip
+    elif resuming and flag is not None and flag != saved:
+        raise ConfigError(
+            f"-s {flag}: this run was started with seed {saved} (in its configs/); resume "
+            f"without -s to continue it exactly, or add the override seed={flag} to change it"
+        )
+    if flag is not None:
+        return flag
+    return saved if saved is not None else DEFAULT_SEED
 
 
 def trainer_kwargs(opt: argparse.Namespace, lightning_config: DictConfig) -> dict:
@@ -166,13 +209,30 @@ def set_learning_rate(model, config: DictConfig, kwargs: dict, scale: bool) -> N
     )  # fmt: skip
 
 
-def make_callbacks(now, logdir, config, lightning_config) -> list[pl.Callback]:
-    ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
-    checkpoint_params = {
+def checkpoint_callbacks(ckptdir: str, monitor, config: DictConfig, lightning_config) -> list:
+    """`last.ckpt`, the last K step checkpoints and, when the model names a `monitor` and the
+    data has a validation split, the best K by it (`best-*.ckpt`, lowest first).
+
+    K is `lightning.modelcheckpoint.params.save_top_k` (KEEP_CHECKPOINTS; -1 keeps every one).
+    """
+    params = OmegaConf.to_container(lightning_config.get("modelcheckpoint", {}).get("params", {}))
+    keep = params.get("save_top_k", KEEP_CHECKPOINTS)
+    steps = {
         "dirpath": ckptdir, "filename": "{epoch:06}-{step:09}", "save_last": True,
-        "save_top_k": -1, "every_n_train_steps": None,
+        "every_n_train_steps": None, "monitor": "step", "mode": "max", "save_top_k": keep,
     }  # fmt: skip
-    checkpoint_params.update(lightning_config.get("modelcheckpoint", {}).get("params", {}))
+    callbacks = [ModelCheckpoint(**{**steps, **params})]
+    if monitor and keep != 0 and "validation" in config.get("data", {}).get("params", {}):
+        best = ModelCheckpoint(
+            dirpath=ckptdir, filename="best-{epoch:06}-{step:09}", monitor=monitor, mode="min",
+            save_top_k=keep, save_last=False,
+        )  # fmt: skip
+        callbacks.append(best)
+    return callbacks
+
+
+def make_callbacks(now, logdir, config, lightning_config, model) -> list[pl.Callback]:
+    ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
     callbacks = [
         SetupCallback(now, logdir, ckptdir, cfgdir, config, lightning_config),
         RNGStateCallback(),
@@ -180,7 +240,7 @@ def make_callbacks(now, logdir, config, lightning_config) -> list[pl.Callback]:
         SaveOnInterrupt(ckptdir),
         SkippedImagesReport(),
         LearningRateMonitor(logging_interval="step"),
-        ModelCheckpoint(**checkpoint_params),
+        *checkpoint_callbacks(ckptdir, getattr(model, "monitor", None), config, lightning_config),
     ]
     for cfg in lightning_config.get("callbacks", {}).values():
         callbacks.append(instantiate_from_config(cfg))
@@ -193,13 +253,12 @@ def make_logger(logdir: str, lightning_config: DictConfig):
     return instantiate_from_config(config)
 
 
-def finetune_from(model, path: str) -> None:
+def finetune_from(model, path: str, unsafe_pickle: bool = False) -> None:
     """Initialise weights (not optimizer state) from a checkpoint, original SD files included."""
-    if hasattr(model, "init_from_ckpt"):  # also restarts the EMA from the loaded weights
-        model.init_from_ckpt(path)
+    if hasattr(model, "init_from_ckpt"):  # strict; the EMA restarts from the loaded weights
+        model.init_from_ckpt(path, unsafe_pickle=unsafe_pickle)
     else:
-        missing, unexpected = load_weights(model, path, strict=False)
-        logger.info("%s: %d missing, %d unexpected keys", path, len(missing), len(unexpected))
+        load_weights(model, path, unsafe_pickle=unsafe_pickle)  # strict: every key, every shape
     logger.info("fine-tuning from %s", path)
 
 
@@ -207,16 +266,19 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     opt, overrides = get_parser().parse_known_args(argv)
-    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    now = run_timestamp()
     logdir, resume_ckpt, files = make_run_dirs(opt, now)
     config = load_config(files, overrides)
     if opt.compile:
         config.model.setdefault("params", {})["compile"] = True
     lightning_config = config.pop("lightning", OmegaConf.create())
-    pl.seed_everything(opt.seed, workers=True)
+    config.seed = run_seed(opt.seed, config, resuming=bool(opt.resume))
+    # The run's seed builds the model (the same weights on every rank) and orders the data;
+    # RNGStateCallback then gives each rank its own stream, derived from it and the rank.
+    pl.seed_everything(config.seed, workers=True)
     model = instantiate_from_config(config.model)
     if opt.finetune_from:
-        finetune_from(model, opt.finetune_from)
+        finetune_from(model, opt.finetune_from, opt.unsafe_pickle)
     if "data" not in config:
         raise ConfigError("the merged config has no `data:` section to train on")
     data = instantiate_from_config(config.data)
@@ -225,21 +287,41 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     trainer = pl.Trainer(
         **kwargs,
         logger=make_logger(logdir, lightning_config),
-        callbacks=make_callbacks(now, logdir, config, lightning_config),
+        callbacks=make_callbacks(now, logdir, config, lightning_config, model),
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # our samplers split data across ranks themselves
         default_root_dir=logdir,
     )
-    if opt.train:
-        trainer.fit(model, data, ckpt_path=resume_ckpt or None)
-    if opt.train and not opt.no_test and not trainer.interrupted and config.data.params.get("test"):
+    if not opt.train:
+        evaluate(trainer, model, data, config, resume_ckpt or None, opt.unsafe_pickle)
+        return trainer
+    trainer.fit(model, data, ckpt_path=resume_ckpt or None, weights_only=not opt.unsafe_pickle)
+    if not opt.no_test and not trainer.interrupted and config.data.params.get("test"):
         trainer.test(model, data)
     return trainer
 
 
+def evaluate(trainer, model, data, config, ckpt: str | None, unsafe_pickle: bool) -> None:
+    """Without -t: the test split's losses, else the validation split's, of the model as built
+    (or of the checkpoint `-r` names)."""
+    split = next((s for s in ("test", "validation") if config.data.params.get(s)), None)
+    if split is None:
+        raise SystemExit(
+            "main.py: without -t main.py only evaluates, and the config has no validation or "
+            "test split under data.params; pass -t to train"
+        )
+    run = trainer.test if split == "test" else trainer.validate
+    run(model, data, ckpt_path=ckpt, weights_only=not unsafe_pickle)
+
+
+def cli(argv: list[str] | None = None) -> pl.Trainer:
+    """main() as the command line runs it: a bad config or checkpoint exits with one line."""
+    try:
+        return main(argv)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        sys.exit(f"main.py: {err}")
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main()
-    except (ConfigError, FileNotFoundError) as err:
-        sys.exit(f"main.py: {err}")
+    cli()

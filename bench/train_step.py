@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from bench.common import ROOT, compared, emit, environment, interleaved, peak_memory_mb
 from bench.reference import diffusers_unet, model_config, ours_unet
-from ldm.models.diffusion.ddpm import make_optimizer
+from ldm.util import make_optimizer
 
 # name: (config, batch, latent size)
 CASES = {

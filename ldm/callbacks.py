@@ -19,7 +19,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchvision.utils import make_grid
 
-from ldm.checkpoint import write_atomically
+from ldm.checkpoint import load_torch_file, write_atomically
+from ldm.data.sampler import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ LAST_CHECKPOINT = "last.ckpt"
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder, then renames it.
 
-    A crash or a full disk mid-write leaves the previous file with that name intact.
+    A crash or a full disk mid-write leaves the previous file with that name intact. Reading
+    (`trainer.fit(ckpt_path=..., weights_only=...)`) names a truncated, corrupt or pickled file.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Any = None) -> None:
@@ -40,6 +42,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
 
         write_atomically(path, write)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None):
+        # Lightning passes weights_only=None when not told: load weights only, as torch does.
+        return load_torch_file(path, unsafe_pickle=weights_only is False, map_location=map_location)
 
 
 class SetupCallback(pl.Callback):
@@ -59,32 +65,92 @@ class SetupCallback(pl.Callback):
         OmegaConf.save(lightning, os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
 
 
-class RNGStateCallback(pl.Callback):
-    """Saves the Python, NumPy and torch RNG states in checkpoints and restores them on resume.
+def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch (and CUDA) RNG states, as tensors and plain lists so
+    that `weights_only` loading accepts them."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
-    States are stored as tensors and plain lists so `weights_only` loading accepts them.
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (the CPU's and every CUDA device's)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """`obj` from every rank, in rank order (a collective: every rank must call it)."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [obj]
+    gathered = [None] * world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+class RNGStateCallback(pl.Callback):
+    """Gives each DDP rank its own RNG stream, and checkpoints every rank's so that a resume
+    continues each of them.
+
+    At fit start each rank seeds Python, NumPy and torch from (seed, global rank), so ranks
+    draw different timesteps, noise and caption dropout for their different images. The data
+    order and item augmentation (`ResumableSampler`, `SeededItems`) and the initial weights
+    (built before the fit; DDP also broadcasts rank 0's) do not come from these streams and
+    stay the same on every rank. Lightning keeps the callback state of rank 0 only, so the
+    states of all ranks are gathered into it as `ranks`; on resume each rank takes its own.
+
+    Args:
+        seed: the run's seed; default: the one torch was last seeded with (main.py seeds it).
     """
 
+    def __init__(self, seed: int | None = None):
+        super().__init__()
+        self.seed = torch.initial_seed() if seed is None else seed
+        self.rank, self.world_size = 0, 1
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.rank, self.world_size = trainer.global_rank, trainer.world_size
+        if stage == "fit":  # before a checkpoint is restored, which then overrides this
+            seed_rngs(derive_seed(self.seed, self.rank))
+
     def state_dict(self) -> dict[str, Any]:
-        version, internal, gauss = random.getstate()
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state = {
-            "python": [version, list(internal), gauss],
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-        }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        # Called on every rank while a checkpoint is saved (all ranks take part in saving).
+        return {"seed": self.seed, "ranks": gather_objects(rng_state(), self.world_size)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version, internal, gauss = state_dict["python"]
-        random.setstate((version, tuple(internal), gauss))
-        kind, keys, pos, has_gauss, cached = state_dict["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        torch.set_rng_state(state_dict["torch"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        ranks = state_dict.get("ranks", [state_dict])  # older checkpoints: one process's state
+        if self.rank < len(ranks):
+            set_rng_state(ranks[self.rank])
+        else:
+            logger.warning(
+                "the checkpoint holds the RNG states of %d ranks: rank %d keeps a fresh stream "
+                "(seeded from the seed and its rank), so this resume is not exact", len(ranks),
+                self.rank,
+            )  # fmt: skip
+        if len(ranks) != self.world_size and self.rank == 0:
+            logger.warning(
+                "resuming %d ranks from a checkpoint of %d: the data is split differently "
+                "and the resume is not exact", self.world_size, len(ranks),
+            )  # fmt: skip
 
 
 def parameters_are_finite(module: torch.nn.Module) -> bool:
@@ -93,20 +159,41 @@ def parameters_are_finite(module: torch.nn.Module) -> bool:
 
 
 class NonFiniteLossGuard(pl.Callback):
-    """Stops the run at the first NaN or inf loss, before any checkpoint of that step is written.
+    """Stops the run at the first NaN or inf loss on any rank, before any checkpoint of that
+    step is written.
 
-    Lightning runs checkpoint callbacks after the others, so `last.ckpt` keeps the last good step.
+    Lightning runs checkpoint callbacks after the others, so `last.ckpt` keeps the last good
+    step. Under DDP the ranks' losses are gathered every step (one scalar each), so that all
+    ranks stop at the same step with the same message, rather than the healthy ones waiting in
+    the next collective for a rank that has stopped.
     """
+
+    def __init__(self):
+        super().__init__()
+        self.step = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.step = trainer.global_step  # the step this batch is for (Lightning counts it after)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None and not torch.isfinite(loss).all():
-            raise FloatingPointError(
-                f"the training loss became {loss.item()} at global step {trainer.global_step} "
-                f"(epoch {trainer.current_epoch}, batch {batch_idx}); stopping. The last "
-                "checkpoint written before this step is intact: lower the learning rate, use "
-                "bf16 instead of fp16, or check the data, then resume from it with -r."
-            )
+        # a rank without a loss still takes part in the gather, as a finite one
+        loss = torch.zeros((), device=pl_module.device) if loss is None else loss.detach()
+        losses = trainer.strategy.all_gather(loss.float().mean()).reshape(-1)  # (world_size,)
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        if not bad:
+            return
+        where = ""
+        if len(losses) > 1:
+            ranks = ", ".join(str(r) for r in bad)
+            where = f" on rank{'s' if len(bad) > 1 else ''} {ranks} of {len(losses)}"
+        values = ", ".join(str(losses[r].item()) for r in bad)
+        raise FloatingPointError(
+            f"the training loss became {values}{where} at global step {self.step} "
+            f"(epoch {trainer.current_epoch}, batch {batch_idx}); stopping. The last "
+            "checkpoint written before this step is intact: lower the learning rate, use "
+            "bf16 instead of fp16, or check the data, then resume from it with -r."
+        )
 
 
 class SaveOnInterrupt(pl.Callback):

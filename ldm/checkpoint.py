@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import re
+import secrets
+import stat
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -18,6 +22,10 @@ from ldm.util import instantiate_from_config
 # Keys that original SD files carry and current libraries no longer keep in their state dicts.
 LEGACY_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 EMA_PREFIX = "model_ema."
+# The command-line flag of every entry point that passes unsafe_pickle=True; errors name it.
+UNSAFE_PICKLE_FLAG = "--unsafe_pickle"
+# How torch's weights-only unpickler names the class or function it refused to import.
+REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 
 
 class CheckpointError(RuntimeError):
@@ -30,19 +38,49 @@ def read_state_dict(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        return load_file(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path} holds pickled objects beyond tensors, which weights_only loading refuses. "
-            "If you trust the file, load it with unsafe_pickle=True (full unpickling runs code), "
-            f"or convert it to .safetensors. Detail: {err}"
-        ) from err
+        try:
+            return load_file(path)
+        except SafetensorError as err:
+            raise CheckpointError(
+                f"{path} is truncated or corrupt: not a readable .safetensors file ({err})"
+            ) from err
+    data = load_torch_file(path, unsafe_pickle=unsafe_pickle)
     state_dict = data.get("state_dict", data) if isinstance(data, Mapping) else None
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors or a dict with 'state_dict'")
     return dict(state_dict)
+
+
+def load_torch_file(
+    path: str | os.PathLike, *, unsafe_pickle: bool = False, map_location=None
+) -> object:
+    """`torch.load` of a .ckpt (weights only unless `unsafe_pickle`, onto the CPU by default);
+    a file it cannot read raises a one-line CheckpointError that names it and what is wrong."""
+    try:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=not unsafe_pickle)
+    except Exception as err:  # torch reports a bad file as any of a dozen exception types
+        raise unreadable(path, err) from err
+
+
+def unreadable(path: str | os.PathLike, err: Exception) -> CheckpointError:
+    """The CheckpointError for `torch.load(path)` failing with `err`."""
+    lines = str(err).strip().splitlines()
+    detail = f"{type(err).__name__}: {lines[0][:160]}" if lines else type(err).__name__
+    refused = REFUSED_GLOBAL.search(str(err))
+    if isinstance(err, pickle.UnpicklingError) and refused:
+        return CheckpointError(
+            f"{path} holds pickled Python objects ({refused[1]}), which are not loaded by "
+            f"default because unpickling runs code; if you trust the file, pass "
+            f"{UNSAFE_PICKLE_FLAG} (unsafe_pickle=True from Python), or convert it once with "
+            f"scripts/convert.py {UNSAFE_PICKLE_FLAG} --out <name>.safetensors"
+        )
+    if isinstance(err, FileNotFoundError):
+        return CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if isinstance(err, PermissionError | IsADirectoryError):
+        return CheckpointError(f"{path} cannot be read ({detail})")
+    if isinstance(err, ImportError | AttributeError):  # full unpickling of a foreign file
+        return CheckpointError(f"{path}: its pickled objects need code not found here ({detail})")
+    return CheckpointError(f"{path} is truncated or corrupt: not a readable torch file ({detail})")
 
 
 def filter_keys(state_dict: Mapping, ignore_prefixes: Iterable[str] = ()) -> dict:
@@ -67,6 +105,55 @@ def describe_mismatch(module: nn.Module, state_dict: Mapping) -> tuple[list, lis
 def _listing(title: str, keys: list, limit: int = 20) -> str:
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return f"{title} ({len(keys)}): {', '.join(keys[:limit])}{more}"
+
+
+def count_by_prefix(keys: Iterable[str]) -> str:
+    """How many keys fall under each top-level name, e.g. "first_stage_model.: 120, model.: 300"."""
+    counts = Counter(k.split(".", 1)[0] + "." if "." in k else k for k in keys)
+    return ", ".join(f"{prefix}: {n}" for prefix, n in sorted(counts.items()))
+
+
+UNET_PREFIX = "model.diffusion_model."  # the UNet's keys in an original SD file
+ORIGINAL_LAYOUT = (
+    "the original Stable Diffusion layout of this config (model.diffusion_model.*, "
+    "first_stage_model.*, cond_stage_model.*); ignore_keys: [prefix, ...] keeps weights "
+    "under those prefixes as built, load_only_unet: true takes only the UNet"
+)
+
+
+def unet_weights(state_dict: Mapping) -> dict:
+    """A file's UNet weights keyed as DiffusionWrapper's (`diffusion_model.*`): the
+    `model.diffusion_model.*` entries of a full SD file, or a bare UNet file as it is."""
+    if not any(k.startswith(UNET_PREFIX) for k in state_dict):
+        return dict(state_dict)
+    start = len(UNET_PREFIX) - len("diffusion_model.")
+    return {k[start:]: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
+
+
+# What a file's keys say about where it comes from, for errors about a file that does not fit.
+# Fragments are matched anywhere in a key (diffusers' VAE keys are "encoder.down_blocks...").
+LAYOUTS = (
+    ("model.diffusion_model.", "an original Stable Diffusion file"),
+    ("down_blocks.", "a diffusers-format model (diffusers' own key layout)"),
+    ("mid_block.", "a diffusers-format model (diffusers' own key layout)"),
+    ("diffusion_model.", "a bare UNet (diffusion_model.*, what load_only_unet takes)"),
+    ("decoder.", "an autoencoder (encoder.* / decoder.*, e.g. AutoencoderKL's own file)"),
+    ("text_model.", "a text encoder alone"),
+)
+DIFFUSERS_HINT = (
+    "diffusers-format models are not read yet: convert it to one original-layout file first "
+    "(diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py)"
+)
+
+
+def describe_layout(keys: Iterable[str]) -> str:
+    """Where a state dict with these keys comes from, in words (LAYOUTS), for error messages."""
+    keys = list(keys)
+    for fragment, description in LAYOUTS:
+        if any(fragment in k for k in keys):
+            hint = f"; {DIFFUSERS_HINT}" if "diffusers" in description else ""
+            return description + hint
+    return f"an unknown layout (first keys: {', '.join(keys[:3])})"
 
 
 def fitting_state_dict(
@@ -96,6 +183,36 @@ def fitting_state_dict(
             f"{name} does not fit {type(module).__name__}: " + "; ".join(problems)
         )
     return {k: v for k, v in state_dict.items() if k in expected}, missing, unexpected
+
+
+def load_strictly(
+    module: nn.Module, state_dict: Mapping, name: str, optional: Iterable[str] = (),
+    expected_layout: str = "",
+) -> set[str]:  # fmt: skip
+    """Load `state_dict` into `module`; returns the keys loaded.
+
+    Every key of the module must come from `state_dict`, except those starting with one of the
+    `optional` prefixes (what the module can compute or restart itself), and every entry must
+    fit the module (`fitting_state_dict`'s quiet drops aside). Otherwise a CheckpointError
+    names the first missing and unexpected keys with their counts, what the file looks like
+    and what was expected.
+    """
+    fitting, missing, unexpected = fitting_state_dict(module, state_dict, strict=False, name=name)
+    missing = [k for k in missing if not k.startswith(tuple(optional))]
+    if missing or unexpected:
+        listed = {"missing": missing, "unexpected": unexpected}
+        problems = [
+            f"{_listing(title, keys, 5)} [{count_by_prefix(keys)}]"
+            for title, keys in listed.items()
+            if keys
+        ]
+        raise CheckpointError(
+            f"{name} does not fit the {type(module).__name__} of this config: "
+            f"{'; '.join(problems)}. The file looks like {describe_layout(state_dict)}"
+            + (f"; expected {expected_layout}" if expected_layout else "")
+        )
+    module.load_state_dict(fitting, strict=False)
+    return set(fitting)
 
 
 def load_weights(
@@ -138,20 +255,36 @@ def save_checkpoint(
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """`write(tmp)` to a temporary file beside `path`, then rename it onto `path`: a crash or a
-    full disk mid-write leaves any previous file at `path` intact."""
+    full disk mid-write leaves any previous file at `path` intact. The file gets the permissions
+    `open()` would give it (0o666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = new_temporary_file(path)
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # some writers (safetensors) replace the file with a 0o600 one
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def load_run(logdir: str | os.PathLike, ckpt: str | os.PathLike | None = None):
+def new_temporary_file(path: Path) -> str:
+    """A new, empty `.{name}.<random>.tmp` beside `path`, created as `open()` creates files:
+    mode 0o666 less the umask (tempfile.mkstemp's 0o600 would hide a team's checkpoints)."""
+    while True:
+        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp"))
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
+
+
+def load_run(
+    logdir: str | os.PathLike, ckpt: str | os.PathLike | None = None, *, unsafe_pickle=False
+):
     """(model, config) of a `main.py` run: its saved config, weights from `ckpt` or last.ckpt."""
     logdir = Path(logdir)
     configs = sorted((logdir / "configs").glob("*-project.yaml"))
@@ -164,5 +297,5 @@ def load_run(logdir: str | os.PathLike, ckpt: str | os.PathLike | None = None):
     if "first_stage_config" in params:
         params.first_stage_config.params.ckpt_path = None
     model = instantiate_from_config(config.model)
-    load_weights(model, ckpt)
+    load_weights(model, ckpt, unsafe_pickle=unsafe_pickle)
     return model.eval(), config

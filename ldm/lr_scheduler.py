@@ -43,8 +43,10 @@ class LambdaWarmUpCosineScheduler2:
         return min(bisect.bisect_left(self.cum_cycles, n, lo=1) - 1, len(self.cycle_lengths) - 1)
 
     def decay(self, cycle: int, n: int) -> float:
-        """Factor after warm-up, `n` steps into `cycle`."""
-        progress = min((n - self.lr_warm_up_steps[cycle]) / self.cycle_lengths[cycle], 1.0)
+        """Factor after warm-up, `n` steps into `cycle`: the cosine spans the steps after warm-up,
+        so f_min comes at the cycle's end (the original's closed form)."""
+        warm_up = self.lr_warm_up_steps[cycle]
+        progress = min((n - warm_up) / (self.cycle_lengths[cycle] - warm_up), 1.0)
         cosine = 0.5 * (1 + math.cos(progress * math.pi))
         return self.f_min[cycle] + (self.f_max[cycle] - self.f_min[cycle]) * cosine
 

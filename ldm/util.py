@@ -131,3 +131,18 @@ def channels_first(images: torch.Tensor) -> torch.Tensor:
     if images.ndim == 3:
         images = images[..., None]
     return rearrange(images, "b h w c -> b c h w").contiguous().float()
+
+
+def make_optimizer(config: Mapping | None, params: list[torch.nn.Parameter], lr: float):
+    """AdamW at `lr` (fused where torch has the kernel: a few times faster than the per-tensor
+    default for a many-tensor UNet), or the class `config` names (`target`, `params`) at `lr`."""
+    if config is None:
+        fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(params, lr=lr, fused=fused or None)
+    target = config.get("target") if isinstance(config, Mapping) else None
+    if target is None:
+        raise ConfigError(f"optimizer_config needs a 'target' such as torch.optim.AdamW: {config}")
+    try:
+        return get_obj_from_str(target)(params, lr=lr, **to_plain(config.get("params") or {}))
+    except TypeError as err:
+        raise ConfigError(f"optimizer_config {target!r}: {err}") from err

@@ -1,12 +1,14 @@
 """Export a trained model as one original-layout Stable Diffusion file.
 
     python scripts/convert.py --ckpt logs/<run> --out model.safetensors --use_ema --drop_ema --half
+    python scripts/convert.py --ckpt sd-v1-4.ckpt --out sd-v1-4.safetensors --unsafe_pickle
 
 The result has the key layout of the original SD `.ckpt` / `.safetensors` files, which
 diffusers' single-file loader, ComfyUI and AUTOMATIC1111 read: `.safetensors` is flat, `.ckpt`
 holds the tensors under "state_dict". Training state (optimizer, schedulers, RNG) is left out.
 When a config is known (a log dir's own, or --config) the file is checked key for key against
-the model it describes before it is written.
+the model it describes before it is written. `--half` rounds the weights to fp16 but keeps the
+schedule buffers (betas, alphas_cumprod, posterior_*...) in fp32, so sampling is unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm import inference  # noqa: E402
 from ldm.checkpoint import (  # noqa: E402
     EMA_PREFIX,
+    UNSAFE_PICKLE_FLAG,
     CheckpointError,
     filter_keys,
     fitting_state_dict,
@@ -32,6 +35,9 @@ from ldm.checkpoint import (  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 SUFFIXES = (".safetensors", ".ckpt")
+# Scalars that are no weights and that fp16 would change: LitEma's decay 0.9999 rounds to 1.
+# LatentDiffusion's own buffers (keys without a dot: the noise schedule) are kept too.
+FULL_PRECISION_KEYS = (EMA_PREFIX + "decay",)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -42,7 +48,9 @@ def get_parser() -> argparse.ArgumentParser:
     add("--config", nargs="+", help="config to check the file against (default: the log dir's)")
     add("--use_ema", action="store_true", help="put the EMA weights in place of the raw ones")
     add("--drop_ema", action="store_true", help="leave out the model_ema.* copy")
-    add("--half", action="store_true", help="store floating-point tensors as fp16")
+    add("--half", action="store_true", help="store the weights as fp16 (the schedule stays fp32)")
+    add(UNSAFE_PICKLE_FLAG, action="store_true",
+        help="unpickle objects in a .ckpt (runs their code: only for files you trust)")  # fmt: skip
     return parser
 
 
@@ -55,8 +63,13 @@ def exported(state_dict: dict, use_ema: bool, drop_ema: bool, half: bool) -> dic
     elif drop_ema:
         state_dict = filter_keys(state_dict, [EMA_PREFIX])
     if half:
-        state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+        state_dict = {k: v.half() if is_weight(k, v) else v for k, v in state_dict.items()}
     return state_dict
+
+
+def is_weight(key: str, value) -> bool:
+    """Whether --half rounds `key`: floating-point, not a schedule buffer, not the EMA decay."""
+    return value.is_floating_point() and "." in key and key not in FULL_PRECISION_KEYS
 
 
 def check_against(config_paths: list, state_dict: dict) -> None:
@@ -77,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         run_configs, ckpt = inference.run_files(opt.ckpt)
         configs = opt.config or run_configs
-        state_dict = exported(read_state_dict(ckpt), opt.use_ema, opt.drop_ema, opt.half)
+        state_dict = read_state_dict(ckpt, unsafe_pickle=opt.unsafe_pickle)
+        state_dict = exported(state_dict, opt.use_ema, opt.drop_ema, opt.half)
         if configs:
             check_against(configs, state_dict)
     except (OSError, ValueError, RuntimeError) as err:
@@ -86,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "out": str(out), "from": str(ckpt), "tensors": len(state_dict),
         "ema": "swapped in" if opt.use_ema else "dropped" if opt.drop_ema else "kept as is",
-        "dtype": "fp16" if opt.half else "as trained", "checked": [str(c) for c in configs],
+        "dtype": "fp16 weights" if opt.half else "as trained", "checked": [str(c) for c in configs],
         "megabytes": round(out.stat().st_size / 2**20, 1),
     }  # fmt: skip
     print(json.dumps(summary))

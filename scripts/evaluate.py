@@ -23,7 +23,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.callbacks import to_uint8_grid  # noqa: E402
-from ldm.checkpoint import load_run  # noqa: E402
+from ldm.checkpoint import UNSAFE_PICKLE_FLAG, CheckpointError, load_run  # noqa: E402
 from ldm.data.synthetic import SyntheticShapes  # noqa: E402
 from ldm.evaluation import accuracy, generate, judge, prompt_grid, to_uint8  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
@@ -46,6 +46,10 @@ def get_parser() -> argparse.ArgumentParser:
         "--curve", action="store_true",
         help="score every step checkpoint of the run: accuracy against training minutes",
     )  # fmt: skip
+    parser.add_argument(
+        UNSAFE_PICKLE_FLAG, action="store_true",
+        help="unpickle objects in a .ckpt (runs their code: only for files you trust)",
+    )  # fmt: skip
     return parser
 
 
@@ -61,7 +65,10 @@ def evaluate(model, data: SyntheticShapes, opt):
 def score_checkpoint(opt, ckpt: Path | None, outdir: Path) -> dict:
     """Scores of one checkpoint of the run; its sample grid and captions go to `outdir`."""
     start = time.time()
-    model, config = load_run(opt.logdir, ckpt)
+    try:
+        model, config = load_run(opt.logdir, ckpt, unsafe_pickle=opt.unsafe_pickle)
+    except CheckpointError as err:
+        sys.exit(f"evaluate.py: {err}")
     data = instantiate_from_config(config.data.params.train)
     if not isinstance(data, SyntheticShapes):
         sys.exit(f"evaluate.py: {opt.logdir} trained on {type(data).__name__}, not SyntheticShapes")
@@ -80,7 +87,7 @@ def training_curve(opt) -> list[dict]:
     logdir = Path(opt.logdir)
     started = min(p.stat().st_mtime for p in (logdir / "configs").glob("*.yaml"))
     curve = []
-    for ckpt in sorted((logdir / "checkpoints").glob("*step=*.ckpt")):
+    for ckpt in sorted((logdir / "checkpoints").glob("epoch=*-step=*.ckpt")):
         step = int(ckpt.stem.rsplit("step=", 1)[1])
         minutes = round((ckpt.stat().st_mtime - started) / 60, 1)
         scores = score_checkpoint(opt, ckpt, Path(opt.outdir) / f"step-{step:06}")

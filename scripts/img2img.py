@@ -60,7 +60,8 @@ def redraw(model, sampler: DDIMSampler, z0, t_enc: int, steps: int, guidance: tu
     if t_enc == steps:
         z_t = noise
     else:
-        z_t = sampler.stochastic_encode(z0, torch.full(z0.shape[:1], t_enc), noise=noise)
+        t = torch.full(z0.shape[:1], t_enc, device=z0.device)  # (B,) DDIM step index
+        z_t = sampler.stochastic_encode(z0, t, noise=noise)
     cond, uncond, scale, rescale = guidance
     return sampler.decode(
         z_t, cond, t_enc, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,

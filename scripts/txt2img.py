@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ldm import inference  # noqa: E402
+from ldm.checkpoint import UNSAFE_PICKLE_FLAG  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler  # noqa: E402
 from ldm.models.diffusion.plms import PLMSSampler  # noqa: E402
@@ -59,6 +60,8 @@ def add_common_args(parser: argparse.ArgumentParser, outdir: str, n_samples: int
         help="sample with the EMA weights when the checkpoint has them")  # fmt: skip
     add("--compile", action="store_true",
         help="torch.compile the UNet (worth it for many batches; falls back to eager)")  # fmt: skip
+    add(UNSAFE_PICKLE_FLAG, action="store_true",
+        help="unpickle objects in a .ckpt (runs their code: only for files you trust)")  # fmt: skip
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -84,7 +87,9 @@ def setup(opt, script: str):
         if config is None and not inference.run_files(opt.ckpt)[0]:
             config = [DEFAULT_CONFIG]  # not a main.py run: an original SD v1 file, as the original
         device = inference.choose_device(opt.device)
-        model, _ = inference.load_model(opt.ckpt, config, use_ema=opt.use_ema, device=device)
+        model, _ = inference.load_model(
+            opt.ckpt, config, use_ema=opt.use_ema, device=device, unsafe_pickle=opt.unsafe_pickle
+        )
         inference.prepare_for_precision(model, opt.precision, device)
         if opt.compile:
             compile_forward(model.model.diffusion_model, "the UNet")
@@ -124,6 +129,11 @@ def save(opt, images: list[torch.Tensor]) -> None:
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> list[torch.Tensor]:
     opt = get_parser().parse_args(argv)
+    if opt.ddim_eta and opt.sampler != "ddim":
+        sys.exit(
+            f"txt2img.py: --ddim_eta {opt.ddim_eta} is DDIM's; --{opt.sampler} is deterministic "
+            "(drop --ddim_eta, or use --sampler ddim)"
+        )
     model, device, batches = setup(opt, "txt2img.py")
     sampler = SAMPLERS[opt.sampler](model)
     shape = latent_shape(opt, model)
@@ -136,11 +146,10 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
             for prompts in batches:
                 cond, uncond = conditionings(model, prompts, opt.scale)
                 x_T = None if start_code is None else start_code[: len(prompts)]
-                kwargs = {"eta": opt.ddim_eta} if opt.sampler != "dpm" else {}
                 latents, _ = sampler.sample(
                     S=opt.ddim_steps, batch_size=len(prompts), shape=shape, conditioning=cond,
                     unconditional_guidance_scale=opt.scale, unconditional_conditioning=uncond,
-                    x_T=x_T, guidance_rescale=opt.guidance_rescale, **kwargs,
+                    x_T=x_T, guidance_rescale=opt.guidance_rescale, eta=opt.ddim_eta,
                 )  # fmt: skip
                 images.append(model.decode_first_stage(latents).float().clamp(-1, 1))
     save(opt, images)

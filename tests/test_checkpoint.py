@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 
 import pytest
 import torch
 from conftest import load_config
 
+from ldm.callbacks import AtomicCheckpointIO
 from ldm.checkpoint import CheckpointError, load_weights, read_state_dict, save_checkpoint
 from ldm.util import instantiate_from_config
 
@@ -41,7 +44,7 @@ def test_round_trip_reproduces_outputs_bit_for_bit(tmp_path, suffix):
     model = perturbed(tiny())
     path = tmp_path / f"model{suffix}"
     save_checkpoint(model.state_dict(), path)
-    restored = tiny(ckpt_path=str(path))
+    restored = tiny(ckpt_path=str(path), keep_ckpt_ema=True)
     assert torch.equal(outputs(model), outputs(restored))
     for key, value in model.state_dict().items():
         assert torch.equal(value, restored.state_dict()[key]), key
@@ -76,8 +79,10 @@ def test_ema_weights_round_trip_and_restart_from_weights_when_absent(tmp_path):
     source.model_ema(source.model)
     path = tmp_path / "ema.ckpt"
     save_checkpoint(source.state_dict(), path)
-    restored = tiny(use_ema=True, ckpt_path=str(path))
+    restored = tiny(use_ema=True, ckpt_path=str(path), keep_ckpt_ema=True)
     assert restored.model_ema.num_updates.item() == 1
+    fine_tune = tiny(use_ema=True, ckpt_path=str(path))  # by default the EMA restarts
+    assert fine_tune.model_ema.num_updates.item() == 0
     no_ema = tmp_path / "no_ema.ckpt"
     save_checkpoint({k: v for k, v in source.state_dict().items() if "model_ema" not in k}, no_ema)
     restarted = tiny(use_ema=True, ckpt_path=str(no_ema))
@@ -138,3 +143,60 @@ def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):
         save_checkpoint({"w": "not a tensor"}, path)
     assert torch.equal(read_state_dict(path)["w"], torch.ones(1))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def truncated(path, fraction: float = 0.5):
+    """`path` cut to `fraction` of its bytes, as a copy killed mid-transfer leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_unreadable_files_are_named_and_called_truncated_or_corrupt(tmp_path, suffix, damage):
+    path = tmp_path / f"model{suffix}"
+    save_checkpoint({"w": torch.randn(64, 64)}, path)
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        truncated(path)
+    else:
+        path.write_bytes(b"not a checkpoint at all " * 40)
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    message = str(info.value)
+    assert str(path) in message and "truncated or corrupt" in message
+    assert "\n" not in message
+
+
+def test_the_pickle_refusal_names_the_flag_and_the_object(tmp_path):
+    path = tmp_path / "trainer.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "hparams": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    message = str(info.value)
+    assert str(path) in message and "--unsafe_pickle" in message
+    assert "argparse.Namespace" in message and "\n" not in message
+
+
+@pytest.fixture(params=[0o022, 0o002, 0o077])
+def umask(request):
+    """The process umask set to the parameter for the test, restored after."""
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_checkpoints_get_the_permissions_of_a_plain_file(tmp_path, umask, suffix):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("reference")
+    path = tmp_path / f"model{suffix}"
+    save_checkpoint({"w": torch.ones(2)}, path)
+    lightning = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, lightning)
+    expected = 0o666 & ~umask
+    for written in (plain, path, lightning):
+        assert stat.S_IMODE(written.stat().st_mode) == expected, (written, oct(umask))
+    assert umask != 0o022 or expected == 0o644

@@ -472,3 +472,33 @@ def test_worker_init_fn_seeds_numpy_from_the_worker_seed():
 def test_datamodule_rejects_a_train_set_smaller_than_a_batch():
     with pytest.raises(ValueError, match="3 items, fewer than batch_size 4"):
         DataModuleFromConfig(batch_size=4, train=shapes_config(3)).setup("fit")
+
+
+def test_train_items_are_a_function_of_seed_epoch_and_index_not_of_workers(tmp_path):
+    """Random crops and flips come out the same with 0 or 2 workers and after a resume."""
+    for i in range(8):
+        stripes(tmp_path / f"{i}.png", [RED, GREEN, BLUE, (i * 30, 0, 0)], width=4)  # 16 × 10
+        (tmp_path / f"{i}.txt").write_text(f"stripes {i}")
+    params = {"root": str(tmp_path), "size": 8, "crop": "random", "flip_p": 0.5}
+    folder = {"target": "ldm.data.folder.ImageCaptionFolder", "params": params}
+
+    def loader(num_workers: int):
+        torch.manual_seed(3)  # the run's seed, which the data module reads
+        return DataModuleFromConfig(2, train=folder, num_workers=num_workers).train_dataloader()
+
+    def epoch(batches) -> dict[str, np.ndarray]:
+        pairs = (zip(b["caption"], b["image"], strict=True) for b in batches)
+        return {caption: image.numpy() for batch in pairs for caption, image in batch}
+
+    plain = loader(0)
+    epochs = [epoch(plain), epoch(plain)]
+    workers = loader(2)
+    for expected in epochs:
+        got = epoch(workers)
+        assert got.keys() == expected.keys()
+        assert all(np.array_equal(got[c], expected[c]) for c in expected)
+    assert any(not np.array_equal(epochs[0][c], epochs[1][c]) for c in epochs[0])  # per epoch
+    resumed = loader(2)
+    resumed.load_state_dict({"epoch": 1, "batches": 2})
+    tail = epoch(resumed)
+    assert len(tail) == 4 and all(np.array_equal(tail[c], epochs[1][c]) for c in tail)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from conftest import ROOT
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import main
-from ldm.callbacks import AtomicCheckpointIO, NonFiniteLossGuard
+from ldm.callbacks import AtomicCheckpointIO
 from ldm.checkpoint import read_state_dict, save_checkpoint
 
 SMALL = [
@@ -106,17 +108,6 @@ def test_bad_command_lines_name_the_problem(tmp_path):
         run(tmp_path, "txt2img.yaml", "stray-argument")
 
 
-def test_nan_loss_stops_the_run_naming_the_step():
-    class Trainer:
-        global_step, current_epoch = 17, 2
-
-    with pytest.raises(FloatingPointError, match="global step 17"):
-        NonFiniteLossGuard().on_train_batch_end(
-            Trainer(), None, {"loss": torch.tensor(float("nan"))}, None, 3
-        )
-    NonFiniteLossGuard().on_train_batch_end(Trainer(), None, {"loss": torch.tensor(1.0)}, None, 3)
-
-
 def test_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()
@@ -184,3 +175,89 @@ def test_wandb_logs_offline_with_images(tmp_path, monkeypatch):
     assert list(logdir.glob("wandb/offline-run-*"))
     assert list((logdir / "images" / "train").glob("samples_cfg3_*.png"))
     trainer.logger.experiment.finish()
+
+
+# ---------------------------------------------------------------- unreadable and pickled files
+
+
+def damaged_copy(state_dict: dict, path: Path) -> Path:
+    """`state_dict` saved at `path`, then cut in half as an interrupted copy leaves it."""
+    save_checkpoint(state_dict, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def exits_naming(argv: list[str], *fragments: str) -> None:
+    """main.py's command line exits non-zero with one line that holds every fragment."""
+    with pytest.raises(SystemExit) as info:
+        main.cli([*argv, *SMALL])
+    message = str(info.value.code)
+    assert info.value.code not in (0, None) and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def pickled(state_dict: dict, path: Path) -> Path:
+    """A CompVis-era checkpoint: the tensors beside a pickled Python object."""
+    torch.save({"state_dict": state_dict, "hparams": argparse.Namespace(lr=1e-4)}, path)
+    return path
+
+
+TINY = ["--base", str(ROOT / "configs" / "tiny" / "txt2img.yaml")]
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_an_unreadable_finetune_file_is_named(tmp_path, suffix):
+    path = damaged_copy({"w": torch.randn(64, 64)}, tmp_path / f"model{suffix}")
+    argv = [*TINY, "-t", "-l", str(tmp_path / "logs"), "--finetune_from", str(path)]
+    exits_naming(argv, str(path), "truncated or corrupt")
+
+
+def test_an_unreadable_resume_checkpoint_is_named(tmp_path):
+    logdir = tmp_path / "logs" / "run"
+    (logdir / "configs").mkdir(parents=True)
+    (logdir / "configs" / "0-project.yaml").write_text((ROOT / TINY[1]).read_text())
+    last = damaged_copy({"w": torch.randn(64, 64)}, logdir / "checkpoints" / "last.ckpt")
+    exits_naming(["-r", str(logdir), "-t", "--max_steps", "1"], str(last), "truncated or corrupt")
+
+
+def test_the_command_line_reports_a_bad_file_in_one_line(tmp_path):
+    path = damaged_copy({"w": torch.randn(64, 64)}, tmp_path / "model.safetensors")
+    command = [sys.executable, str(ROOT / "main.py"), *TINY, "-t", "-l", str(tmp_path / "logs")]
+    result = subprocess.run(
+        [*command, "--finetune_from", str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("main.py: ") and str(path) in last_line
+    assert "truncated or corrupt" in last_line
+
+
+def test_a_pickled_finetune_file_needs_the_flag(tmp_path):
+    source = run(tmp_path / "a", "txt2img.yaml", "-t", "--max_steps", "1").lightning_module
+    weights = {k: v for k, v in source.state_dict().items() if not k.startswith("model_ema.")}
+    path = pickled(weights, tmp_path / "compvis.ckpt")
+    argv = [*TINY, "-t", "--max_steps", "1", "--finetune_from", str(path)]
+    exits_naming([*argv, "-l", str(tmp_path / "b")], str(path), "--unsafe_pickle")
+    frozen_lr = ["model.base_learning_rate=0", "--unsafe_pickle"]
+    trainer = run(tmp_path / "c", "txt2img.yaml", *argv[2:], *frozen_lr)
+    for key, value in weights.items():
+        assert torch.equal(trainer.lightning_module.state_dict()[key], value), key
+
+
+def test_a_pickled_resume_checkpoint_needs_the_flag_and_checkpoints_are_shared(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        run(tmp_path, "txt2img.yaml", "-t", "--max_steps", "1")
+    finally:
+        os.umask(previous)
+    (logdir,) = logdirs(tmp_path)
+    last = logdir / "checkpoints" / "last.ckpt"
+    assert stat.S_IMODE(last.stat().st_mode) == 0o644  # as a plain file under umask 022
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["hparams"] = argparse.Namespace(lr=1e-4)
+    torch.save(checkpoint, last)
+    resume = ["-r", str(logdir), "-t", "--max_steps", "2"]
+    exits_naming(resume, str(last), "--unsafe_pickle")
+    assert main.cli([*resume, "--unsafe_pickle", *SMALL]).global_step == 2

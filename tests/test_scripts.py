@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,11 @@ from ldm.checkpoint import read_state_dict, save_checkpoint
 from ldm.data.synthetic import SyntheticShapes
 from ldm.modules.encoders.modules import CLIP_CONFIGS, CLIP_SHARED
 from ldm.util import instantiate_from_config
-from scripts import convert, img2img, txt2img
+from scripts import convert, evaluate, img2img, txt2img
 
 PROMPT = "a red circle on a blue background"
 FAST = ["--ddim_steps", "3", "--precision", "full", "--device", "cpu"]
+HALF_ATOL = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +290,113 @@ def test_export_round_trips_into_diffusers_with_parity(random_run, tmp_path):
         torch.testing.assert_close(eps, model.apply_model(z, t, context), atol=1e-5, rtol=1e-5)
         decoded = vae.decode(z / model.scale_factor).sample
         torch.testing.assert_close(decoded, model.decode_first_stage(z), atol=1e-5, rtol=1e-5)
+
+
+def test_half_export_keeps_the_schedule_fp32_and_samples_as_before(logdir, tmp_path):
+    """--half rounds the weights only: the schedule buffers (and EMA decay) stay exact."""
+    half = tmp_path / "half.safetensors"
+    convert.main(["--ckpt", str(logdir), "--out", str(half), "--half"])
+    source, exported = read_state_dict(logdir / "checkpoints" / "last.ckpt"), load_file(half)
+    schedule = [k for k in source if "." not in k]  # LatentDiffusion's own buffers
+    assert {"betas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_variance"} <= {*schedule}
+    for key in [*schedule, "model_ema.decay"]:
+        assert exported[key].dtype == source[key].dtype, key
+        assert torch.equal(exported[key], source[key]), key
+    assert exported["model.diffusion_model.out.2.weight"].dtype == torch.float16
+    config = next((logdir / "configs").glob("*-project.yaml"))
+    flags = [*FAST, "--n_samples", "2", "--n_iter", "1", "--skip_grid", "--skip_save"]
+    before = txt2img.main(["--ckpt", str(logdir), *flags, "--outdir", str(tmp_path)])
+    after = txt2img.main(
+        ["--ckpt", str(half), "--config", str(config), *flags, "--outdir", str(tmp_path)]
+    )
+    model, _ = inference.load_model(half, config)
+    assert torch.equal(model.alphas_cumprod, source["alphas_cumprod"])
+    # fp16 weights move the pixels by a few 1e-3 (2.5e-3 here); fp16 schedules gave NaN
+    torch.testing.assert_close(after[0], before[0], atol=HALF_ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- unreadable and pickled files
+
+TINY = ROOT / "configs" / "tiny" / "txt2img.yaml"
+SCRIPTS = {
+    "txt2img": txt2img.main, "img2img": img2img.main, "convert": convert.main,
+    "evaluate": evaluate.main,
+}  # fmt: skip
+
+
+def reading(script: str, ckpt: Path, logdir: Path, out: Path, init_img: Path) -> list[str]:
+    """A command line of `script` that reads the checkpoint `ckpt`."""
+    sampling = f"--config {TINY} --outdir {out} --n_samples 1 --n_iter 1 --skip_grid"
+    flags = {
+        "txt2img": sampling,
+        "img2img": f"{sampling} --init-img {init_img}",
+        "convert": f"--config {TINY} --out {out / 'export.safetensors'}",
+        "evaluate": f"--logdir {logdir} --outdir {out} --n_per_prompt 1 --steps 2",
+    }[script]
+    fast = FAST if script in ("txt2img", "img2img") else []
+    return ["--ckpt", str(ckpt), *flags.split(), *fast]
+
+
+def exits_in_one_line(capsys, fn, argv: list[str], *fragments: str) -> None:
+    """`fn(argv)` exits non-zero with a one-line message that holds every fragment."""
+    exits_with(capsys, fn, argv, *fragments)
+    with pytest.raises(SystemExit) as exit_info:
+        fn(argv)
+    assert "\n" not in str(exit_info.value.code)
+
+
+def cut_in_half(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_script_names_an_unreadable_checkpoint(
+    logdir, init_img, tmp_path, capsys, script, suffix
+):
+    ckpt = tmp_path / f"model{suffix}"
+    save_checkpoint(read_state_dict(logdir / "checkpoints" / "last.ckpt"), ckpt)
+    cut_in_half(ckpt)
+    argv = reading(script, ckpt, logdir, tmp_path / "out", init_img)
+    exits_in_one_line(capsys, SCRIPTS[script], argv, str(ckpt), "truncated or corrupt")
+
+
+def test_convert_py_reports_a_bad_file_in_one_line(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    save_checkpoint({"w": torch.randn(64, 64)}, ckpt)
+    script = str(ROOT / "scripts" / "convert.py")
+    argv = ["--ckpt", str(cut_in_half(ckpt)), "--out", str(tmp_path / "x.ckpt")]
+    result = subprocess.run(
+        [sys.executable, script, *argv], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("convert.py: ") and str(ckpt) in line and "truncated or corrupt" in line
+
+
+@pytest.mark.parametrize("script", ["convert", "txt2img", "evaluate"])
+def test_a_pickled_checkpoint_needs_the_flag(logdir, init_img, tmp_path, capsys, script):
+    last = logdir / "checkpoints" / "last.ckpt"
+    weights = read_state_dict(last)
+    ckpt = tmp_path / "compvis.ckpt"
+    torch.save({"state_dict": weights, "hparams": argparse.Namespace(lr=1e-4)}, ckpt)
+    argv = reading(script, ckpt, logdir, tmp_path / "out", init_img)
+    exits_in_one_line(capsys, SCRIPTS[script], argv, str(ckpt), "--unsafe_pickle")
+    result = SCRIPTS[script]([*argv, "--unsafe_pickle"])
+    if script == "convert":
+        exported = load_file(tmp_path / "out" / "export.safetensors")
+        assert all(torch.equal(exported[k], v) for k, v in weights.items())
+    elif script == "txt2img":
+        plain = txt2img.main(reading(script, last, logdir, tmp_path / "plain", init_img))
+        assert torch.equal(result[0], plain[0])
+    else:
+        plain = evaluate.main(reading(script, last, logdir, tmp_path / "plain", init_img))
+        assert result["all"] == plain["all"] and result["n_images"] == plain["n_images"]
+
+
+@pytest.mark.parametrize("sampler", ["--dpm", "--plms"])
+def test_ddim_eta_with_a_deterministic_sampler_is_refused(logdir, tmp_path, capsys, sampler):
+    argv = ["--ckpt", str(logdir), "--outdir", str(tmp_path), *FAST, sampler, "--ddim_eta", "0.5"]
+    exits_with(capsys, txt2img.main, argv, "--ddim_eta 0.5", "DDIM")

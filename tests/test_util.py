@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -70,23 +72,43 @@ def test_unknown_param_of_a_subclass_is_caught_through_kwargs():
 
 
 def test_lambda_linear_scheduler_warms_up_then_decays_per_cycle():
+    """The original: f_min + (f_max - f_min) * (cycle_length - n) / cycle_length after warm-up,
+    n counted from the cycle start, so f_min comes exactly at the end of each cycle."""
     schedule = LambdaLinearScheduler(
         warm_up_steps=[10, 0], f_start=[0.0, 1.0], f_max=[1.0, 1.0], f_min=[0.5, 0.0],
         cycle_lengths=[100, 50],
     )  # fmt: skip
     assert schedule(0) == 0.0
     assert schedule(5) == pytest.approx(0.5)
-    assert schedule(10) == pytest.approx(0.5 + 0.5 * 90 / 100)
-    assert schedule(100) == pytest.approx(0.5)
-    assert schedule(125) == pytest.approx(0.5)  # second cycle: 25 of 50 steps, linear 1 -> 0
+    for n in (10, 40, 77, 100):
+        assert schedule(n) == pytest.approx(0.5 + 0.5 * (100 - n) / 100), n
+    assert schedule(100) == pytest.approx(0.5)  # the last step of cycle 0 reaches its f_min
+    assert schedule(101) == pytest.approx(1.0 * 49 / 50)  # cycle 1: no warm-up, 1 -> 0
+    assert schedule(125) == pytest.approx(0.5)
+    assert schedule(150) == pytest.approx(0.0)
 
 
-def test_cosine_scheduler_reaches_f_min_at_cycle_end():
+def cosine_closed_form(n: int, warm_up: int, length: int, f_min: float, f_max: float) -> float:
+    """The original's decay: the cosine runs over the cycle_length - warm_up steps after warm-up."""
+    t = min((n - warm_up) / (length - warm_up), 1.0)
+    return f_min + 0.5 * (f_max - f_min) * (1 + math.cos(t * math.pi))
+
+
+def test_cosine_scheduler_follows_the_original_closed_form():
     schedule = LambdaWarmUpCosineScheduler2(
-        warm_up_steps=[10], f_start=[0.0], f_max=[1.0], f_min=[0.1], cycle_lengths=[110]
-    )
-    assert schedule(10) == pytest.approx(1.0)
-    assert schedule(120) == pytest.approx(0.1)
+        warm_up_steps=[10, 20], f_start=[0.0, 0.2], f_max=[1.0, 0.8], f_min=[0.1, 0.05],
+        cycle_lengths=[110, 220],
+    )  # fmt: skip
+    assert schedule(5) == pytest.approx(0.5)  # linear warm-up
+    assert schedule(10) == pytest.approx(1.0)  # f_max right after warm-up
+    assert schedule(60) == pytest.approx(0.1 + 0.5 * (1.0 - 0.1))  # the midpoint of the decay
+    assert schedule(110) == pytest.approx(0.1)  # f_min exactly at the cycle end
+    assert schedule(110 + 20) == pytest.approx(0.8)  # cycle 1 after its own warm-up
+    assert schedule(110 + 120) == pytest.approx(0.05 + 0.5 * (0.8 - 0.05))
+    assert schedule(330) == pytest.approx(0.05)
+    assert schedule(400) == pytest.approx(0.05)  # past the last cycle: stays at f_min
+    for n in range(10, 111, 7):
+        assert schedule(n) == pytest.approx(cosine_closed_form(n, 10, 110, 0.1, 1.0)), n
 
 
 def test_scheduler_rejects_mismatched_cycle_lists():

@@ -18,7 +18,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ldm.data.sampler import ResumableLoader, ResumableSampler
+from ldm.data.sampler import (
+    ResumableLoader,
+    ResumableSampler,
+    SeededItems,
+    derive_seed,
+    rank_and_world_size,
+)
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -68,7 +74,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
     sets are never shuffled by the loader; they shuffle themselves. Map-style data is split
     across DDP ranks by `ResumableSampler` (so the Trainer runs with
     `use_distributed_sampler=False`), in an order that depends only on the seed and the epoch,
-    and the train loader resumes mid-epoch where a checkpoint left it.
+    and the train loader resumes mid-epoch where a checkpoint left it. Each map-style item is
+    produced with the RNGs seeded from (seed, epoch, index) (`SeededItems`), so random crops
+    and flips are the same with any `num_workers` and after a resume. A streamed (iterable)
+    data set cannot skip ahead: resuming mid-epoch restarts it, and a warning says so.
 
     Args:
         wrap: wrap each data set in `WrappedDataset`, as the original did for plain sequences.
@@ -97,7 +106,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.wrap = wrap
         self.use_worker_init_fn = use_worker_init_fn
         self.shuffle = {"validation": shuffle_val_dataloader, "test": shuffle_test_loader}
-        # Loader randomness (order, worker seeds) from the run's seed, not the global RNG stream.
+        # Data order and item randomness from the run's seed (main.py has just seeded torch with
+        # it), the same on every rank; not from the global RNG stream, which is per rank.
         self.seed = torch.initial_seed() % 2**31
         configs = dict(zip(SPLITS, (train, validation, test, predict), strict=True))
         self.dataset_configs = {split: c for split, c in configs.items() if c is not None}
@@ -127,22 +137,42 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if split not in self.datasets:
             self.setup()
         dataset = self.datasets[split]
+        # workers' base seeds: different per rank, so streamed data augments independently
+        worker_seed = derive_seed(self.seed, rank_and_world_size()[0])
         common = dict(
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             worker_init_fn=worker_init_fn if self.use_worker_init_fn else None,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=torch.Generator().manual_seed(worker_seed),
         )
         if isinstance(dataset, IterableDataset):
+            if split == "train":
+                self.warn_if_resuming_mid_epoch(dataset)
             return DataLoader(dataset, **common)
         shuffle = split == "train" or self.shuffle.get(split, False)
-        sampler = ResumableSampler(len(dataset), shuffle, self.seed)
+        sampler = ResumableSampler(len(dataset), shuffle, self.seed, keyed=True)
+        dataset = SeededItems(dataset, self.seed)
         if split != "train":
             return DataLoader(dataset, sampler=sampler, **common)
         return ResumableLoader(
             dataset, sampler=sampler, drop_last=True, progress=self.batches_taken, **common
         )
+
+    def warn_if_resuming_mid_epoch(self, dataset: IterableDataset) -> None:
+        """Say that a streamed data set restarts, repeating the part of the epoch already done."""
+        trainer = self.trainer
+        progress = trainer.fit_loop.epoch_loop.batch_progress if trainer is not None else None
+        if progress is None or progress.is_last_batch or not self.batches_taken():
+            return
+        if trainer.global_rank == 0:
+            logger.warning(
+                "resuming mid-epoch on %s, a streamed data set that cannot skip ahead: it "
+                "restarts from the beginning of its first pass (its shuffles too), so its first "
+                "%d batches (%d items per rank) are trained on again in epoch %d",
+                describe(dataset), self.batches_taken(), self.batches_taken() * self.batch_size,
+                trainer.current_epoch,
+            )  # fmt: skip
 
     def batches_taken(self) -> int:
         """Batches of the current epoch the training loop has processed (0 outside a fit)."""

@@ -62,7 +62,8 @@ class ImageTransform:
         """PIL image -> float32 array (size, size, 3) in [-1, 1]."""
         image = self.resize(image.convert("RGB"))
         image = image.crop(self.crop_box(*image.size))
-        # np.random is seeded per DataLoader worker (worker_init_fn / Lightning's seed_everything)
+        # np.random is seeded per item from (seed, epoch, index) for map-style data
+        # (SeededItems), per DataLoader worker for streamed data
         if self.flip_p > 0 and np.random.random() < self.flip_p:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_unit_range(image)

@@ -1,17 +1,65 @@
-"""A sampler whose order is a pure function of (seed, epoch), split across ranks, resumable.
+"""A sampler whose order is a pure function of (seed, epoch), split across ranks, resumable,
+and items whose randomness is a pure function of (seed, epoch, index).
 
 Lightning resumes mid-epoch only with loaders that have `state_dict` / `load_state_dict`
 (`ResumableLoader`); with them a resumed run sees the same batches as an uninterrupted one.
+With `SeededItems` those batches also hold the same random crops and flips, whichever
+DataLoader worker (or the main process) produces them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed that is a pure function of non-negative `parts` (e.g. seed, epoch, index);
+    NumPy's SeedSequence hashes them, so neighbouring tuples give unrelated streams."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU generators seeded with `seed` inside the block, and put
+    back as they were after it (CUDA generators are not touched: data loading runs on the CPU)."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+class SeededItems(Dataset):
+    """A map-style data set read by `(epoch, index)` keys (`ResumableSampler(keyed=True)`).
+
+    Item `index` of `epoch` is produced with Python's, NumPy's and torch's RNGs seeded from
+    (seed, epoch, index), so random augmentation drawn from them (`ImageTransform`, torchvision
+    transforms, `random`, `np.random`) differs per epoch but not per worker, process or resume.
+    """
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        with seeded_rngs(derive_seed(self.seed, epoch, index)):
+            return self.dataset[index]
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -28,10 +76,11 @@ class ResumableSampler(Sampler[int]):
     evenly is dropped), so ranks never share an item. The sampler counts its own epochs (each
     `iter` is the next one) rather than taking Lightning's, which moves on when a run stops at
     `max_steps` mid-epoch; `resume(epoch, start)` makes the next `iter` continue an epoch.
+    With `keyed` it yields `(epoch, index)` pairs, the keys of `SeededItems`.
     """
 
-    def __init__(self, length: int, shuffle: bool, seed: int):
-        self.length, self.shuffle, self.seed = length, shuffle, seed
+    def __init__(self, length: int, shuffle: bool, seed: int, keyed: bool = False):
+        self.length, self.shuffle, self.seed, self.keyed = length, shuffle, seed, keyed
         self.epoch, self.next_epoch, self.start = 0, 0, 0
 
     def resume(self, epoch: int, start: int) -> None:
@@ -48,10 +97,10 @@ class ResumableSampler(Sampler[int]):
             order = torch.arange(self.length)
         return order[: self.length // world * world][rank::world]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         self.epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
-        order, self.start = self.order(self.epoch)[self.start :], 0
-        return iter(order.tolist())
+        order, self.start = self.order(self.epoch)[self.start :].tolist(), 0
+        return iter([(self.epoch, i) for i in order] if self.keyed else order)
 
     def __len__(self) -> int:
         return self.length // rank_and_world_size()[1]

@@ -64,13 +64,17 @@ class AutoencoderKL(pl.LightningModule):
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys)
 
-    def init_from_ckpt(self, path: str | os.PathLike, ignore_keys: Sequence[str] = ()) -> None:
+    def init_from_ckpt(
+        self, path: str | os.PathLike, ignore_keys: Sequence[str] = (), *, unsafe_pickle=False
+    ) -> None:
         """Load `path` into the built model; keys under `ignore_keys` keep their initial values.
 
         Every other weight must come from the file and every file key must fit the model,
         except the training loss's state (LOSS_PREFIX), which may be absent on either side.
         """
-        missing, unexpected = load_weights(self, path, ignore_keys=ignore_keys, strict=False)
+        missing, unexpected = load_weights(
+            self, path, ignore_keys=ignore_keys, strict=False, unsafe_pickle=unsafe_pickle
+        )
         skipped = tuple(ignore_keys) + (LOSS_PREFIX,)
         missing = [k for k in missing if not k.startswith(skipped)]
         unexpected = [k for k in unexpected if not k.startswith(LOSS_PREFIX)]

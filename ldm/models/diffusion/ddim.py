@@ -259,7 +259,7 @@ class DDIMSampler(OriginalSampler):
         """
         timesteps = self.timesteps[len(self.timesteps) - t_start :]
         if use_original_steps:  # every training timestep below t_start, ending at alpha = 1
-            timesteps = torch.arange(t_start - 1, -1, -1)
+            timesteps = torch.arange(t_start - 1, -1, -1, device=x_latent.device)
         final_alpha = 1.0 if use_original_steps else None
         guidance = (
             cond,

@@ -16,9 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import load_weights
+from ldm.checkpoint import (
+    EMA_PREFIX,
+    ORIGINAL_LAYOUT,
+    filter_keys,
+    load_strictly,
+    read_state_dict,
+    unet_weights,
+)
 from ldm.data.cache import CONTEXT_KEY, MOMENTS_KEY
 from ldm.models.diffusion import schedule
+from ldm.models.diffusion.conditioning import drop_conditioning, drop_mask, parse_ucg_training
 from ldm.models.diffusion.ddim import make_ddim_timesteps, sample_ddim
 from ldm.models.diffusion.guidance import cfg_eps_fn
 from ldm.models.diffusion.noise import training_noise
@@ -26,12 +34,10 @@ from ldm.modules.acceleration import accelerate
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import (
-    KEY_ALIASES,
-    ConfigError,
     batch_item,
     channels_first,
-    get_obj_from_str,
     instantiate_from_config,
+    make_optimizer,
     to_plain,
 )
 
@@ -85,6 +91,7 @@ class DDPM(pl.LightningModule):
         ckpt_path: str | None = None,
         ignore_keys: list[str] = (),
         load_only_unet: bool = False,
+        keep_ckpt_ema: bool = False,
         monitor: str | None = "val/loss",
         use_ema: bool = True,
         first_stage_key: str = "image",
@@ -116,6 +123,11 @@ class DDPM(pl.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
+        if conditioning_key not in self.supported_conditioning:
+            raise NotImplementedError(
+                f"{type(self).__name__}: conditioning_key {conditioning_key!r} is not supported "
+                f"(supported: {self.supported_conditioning})"
+            )
         if parameterization not in schedule.PARAMETERIZATIONS:
             expected = schedule.PARAMETERIZATIONS
             raise ValueError(f"parameterization {parameterization!r}; expected one of {expected}")
@@ -136,21 +148,12 @@ class DDPM(pl.LightningModule):
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model)
-        betas = (
-            torch.tensor(given_betas, dtype=torch.float64)
-            if given_betas is not None
-            else schedule.make_beta_schedule(
-                beta_schedule, timesteps, linear_start, linear_end, cosine_s,
-                sigmoid_start=sigmoid_start, sigmoid_end=sigmoid_end, sigmoid_tau=sigmoid_tau,
-            )
-        )  # fmt: skip
+        betas = schedule.make_beta_schedule(
+            beta_schedule, timesteps, linear_start, linear_end, cosine_s,
+            sigmoid_start=sigmoid_start, sigmoid_end=sigmoid_end, sigmoid_tau=sigmoid_tau,
+        ) if given_betas is None else torch.tensor(given_betas, dtype=torch.float64)  # fmt: skip
         if zero_terminal_snr:
-            if parameterization == "eps":
-                raise ValueError(
-                    "zero_terminal_snr needs parameterization v or x0: at SNR 0 an eps "
-                    "prediction says nothing about x0 (Lin et al. 2024)"
-                )
-            betas = schedule.rescale_zero_terminal_snr(betas)
+            betas = schedule.zero_snr_betas(betas, parameterization)
         # Sampling starts at t = T where the schedule reaches SNR 0 (Lin et al.'s "trailing").
         self.timestep_spacing = "trailing" if zero_terminal_snr else "uniform"
         self.register_schedule(betas, v_posterior)
@@ -164,30 +167,61 @@ class DDPM(pl.LightningModule):
             self.logvar = nn.Parameter(logvar)
         else:
             self.register_buffer("logvar", logvar, persistent=False)
+        self.ignore_keys, self.load_only_unet = list(ignore_keys), load_only_unet
+        self.keep_ckpt_ema = keep_ckpt_ema
         if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys, load_only_unet)
+            self.init_from_ckpt(ckpt_path)
+
+    # The conditioning_key values this class trains and samples with end to end.
+    supported_conditioning = (None,)
 
     def register_schedule(self, betas: torch.Tensor, v_posterior: float = 0.0) -> None:
         """Register the schedule buffers (original names, float32) computed from float64 betas."""
         self.num_timesteps = len(betas)
-        for name, value in schedule.schedule_buffers(betas, v_posterior).items():
+        buffers = schedule.schedule_buffers(betas, v_posterior)
+        for name, value in buffers.items():
             self.register_buffer(name, value.float())
+        self.schedule_keys = list(buffers)
         weights = schedule.vlb_weights(betas, self.parameterization)
         self.register_buffer("lvlb_weights", weights, persistent=False)
 
-    def init_from_ckpt(self, path: str, ignore_keys=(), only_model: bool = False) -> None:
-        """Load weights into the fully built model; EMA restarts from them if the file has none."""
-        target = self.model if only_model else self
-        missing, unexpected = load_weights(target, path, ignore_keys=ignore_keys, strict=False)
-        if self.use_ema and any(k.startswith("model_ema.") for k in missing):
-            self.model_ema.reset_from(self.model)
-            missing = [k for k in missing if not k.startswith("model_ema.")]
-            logger.info("%s has no EMA weights; EMA starts from the loaded weights", path)
-        if missing or unexpected:
-            logger.warning(
-                "loaded %s with %d missing keys %s and %d unexpected keys %s",
-                path, len(missing), missing[:10], len(unexpected), unexpected[:10],
-            )  # fmt: skip
+    def init_from_ckpt(
+        self, path: str, ignore_keys=None, only_model: bool | None = None, *,
+        unsafe_pickle: bool = False,
+    ) -> None:  # fmt: skip
+        """Load weights into the fully built model, strictly (`checkpoint.load_strictly`).
+
+        The file must hold every weight except what the model computes or restarts itself
+        (`computed_keys`) and what starts with an `ignore_keys` prefix (those keep their built
+        values); with `only_model` (load_only_unet) only the UNet is taken. The EMA restarts
+        from the loaded weights (num_updates 0), unless keep_ckpt_ema keeps the file's own.
+        """
+        ignore_keys = self.ignore_keys if ignore_keys is None else list(ignore_keys)
+        only_model = self.load_only_unet if only_model is None else only_model
+        state_dict = filter_keys(read_state_dict(path, unsafe_pickle=unsafe_pickle), ignore_keys)
+        if only_model:
+            target, state_dict = self.model, unet_weights(state_dict)
+            expected = "a UNet: an original SD file's model.diffusion_model.* or diffusion_model.*"
+        else:
+            target, expected = self, ORIGINAL_LAYOUT
+        optional = ignore_keys if only_model else [*ignore_keys, *self.computed_keys()]
+        loaded = load_strictly(target, state_dict, str(path), optional, expected)
+        self.after_loading(loaded if target is self else set(), path)
+
+    def computed_keys(self) -> list[str]:
+        """Keys a file may lack: the schedule (built from the config), the EMA (restarted) and
+        LatentDiffusion's scale_factor (measured by scale_by_std)."""
+        return [*self.schedule_keys, EMA_PREFIX, "scale_factor"]
+
+    def after_loading(self, loaded: set[str], path) -> None:
+        """Restart the EMA from the loaded weights, unless keep_ckpt_ema and the file has one."""
+        if not self.use_ema:
+            return
+        if self.keep_ckpt_ema and any(k.startswith(EMA_PREFIX) for k in loaded):
+            logger.info("%s: keeping its EMA (num_updates %d)", path, self.model_ema.num_updates)
+            return
+        self.model_ema.reset_from(self.model)
+        logger.info("%s: the EMA starts from the loaded weights", path)
 
     @contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:
@@ -293,7 +327,9 @@ class DDPM(pl.LightningModule):
             batch[MOMENTS_KEY] if MOMENTS_KEY in batch else batch_item(batch, self.first_stage_key)
         )
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """An optimizer step, then one EMA update: once per step under gradient accumulation."""
+        super().optimizer_step(*args, **kwargs)
         if self.use_ema:
             self.model_ema(self.model)
 
@@ -351,50 +387,11 @@ def check_self_conditioning_channels(unet_config: Mapping, channels: int, condit
         )
 
 
-def make_optimizer(config: Mapping | None, params: list[nn.Parameter], lr: float):
-    """AdamW at `lr` (fused where torch has the kernel: a few times faster than the per-tensor
-    default for a many-tensor UNet), or the class `config` names (`target`, `params`) at `lr`."""
-    if config is None:
-        fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
-        return torch.optim.AdamW(params, lr=lr, fused=fused or None)
-    target = config.get("target") if isinstance(config, Mapping) else None
-    if target is None:
-        raise ConfigError(f"optimizer_config needs a 'target' such as torch.optim.AdamW: {config}")
-    try:
-        return get_obj_from_str(target)(params, lr=lr, **to_plain(config.get("params") or {}))
-    except TypeError as err:
-        raise ConfigError(f"optimizer_config {target!r}: {err}") from err
-
-
 def frozen(module: nn.Module) -> nn.Module:
     """`module` in eval mode with gradients off (LatentDiffusion.train keeps it in eval)."""
     module.eval()
     module.requires_grad_(False)
     return module
-
-
-def parse_ucg_training(config: Mapping | None) -> dict[str, dict]:
-    """Validate `ucg_training: {key: {p: 0.1, val: ""}}` (caption dropout, as the original)."""
-    parsed = {}
-    for key, entry in (config or {}).items():
-        p = entry.get("p") if isinstance(entry, Mapping) else None
-        if not isinstance(p, int | float) or not 0 <= p <= 1 or set(entry) - {"p", "val"}:
-            raise ValueError(f"ucg_training.{key}: expected {{p: probability in [0, 1], val: ...}}")
-        parsed[key] = {"p": float(p), "val": entry.get("val") or ""}
-        parsed[KEY_ALIASES.get(key, key)] = parsed[key]
-    return parsed
-
-
-def drop_mask(n: int, p: float) -> torch.Tensor:
-    """(n,) bool, each True with probability p: the captions to drop for CFG training."""
-    return torch.rand(n) < p
-
-
-def drop_conditioning(c: list, p: float, val) -> list:
-    """Replace each entry of `c` by `val` with probability p, so the model learns the
-    unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022)."""
-    drop = drop_mask(len(c), p).tolist()
-    return [val if d else item for item, d in zip(c, drop, strict=True)]
 
 
 class LatentDiffusion(DDPM):
@@ -420,16 +417,30 @@ class LatentDiffusion(DDPM):
     ):
         if (num_timesteps_cond or 1) != 1:
             raise NotImplementedError("LatentDiffusion: num_timesteps_cond > 1 is not supported")
-        if conditioning_key is None:
-            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_first_stage__":
+            raise NotImplementedError(
+                "LatentDiffusion: cond_stage_config __is_first_stage__ (conditioning on images "
+                "encoded by the first stage) is not supported yet"
+            )
         if cond_stage_config == "__is_unconditional__":
             conditioning_key = None
-        super().__init__(conditioning_key=conditioning_key, **ddpm_params)
+        elif conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+            if concat_mode:
+                raise NotImplementedError(
+                    "LatentDiffusion: conditioning_key is not set, so concat_mode (true by "
+                    "default, as the original) picks 'concat', which is not supported yet: set "
+                    "conditioning_key: crossattn (as the SD configs do)"
+                )
+        super().__init__(
+            conditioning_key=conditioning_key, ignore_keys=ignore_keys,
+            load_only_unet=load_only_unet, **ddpm_params,
+        )  # fmt: skip
         self.cond_stage_key, self.cond_stage_forward = cond_stage_key, cond_stage_forward
         self.cond_stage_trainable = cond_stage_trainable
         self.ucg_training = parse_ucg_training(ucg_training)
         self.scale_by_std = scale_by_std
-        self._rescale_pending = scale_by_std and ckpt_path is None
+        self._rescale_pending = scale_by_std  # until measured, or loaded from a checkpoint
         if scale_by_std:
             self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         else:
@@ -443,13 +454,27 @@ class LatentDiffusion(DDPM):
         self.first_stage_model = frozen(instantiate_from_config(first_stage_config))
         self.cond_stage_model = self.make_cond_stage(cond_stage_config)
         if ckpt_path is not None:  # last, so every module and buffer exists (unlike the original)
-            self.init_from_ckpt(ckpt_path, ignore_keys, load_only_unet)
+            self.init_from_ckpt(ckpt_path)
+
+    # Concat and hybrid conditioning (SD's inpainting and upscaling models) are not built yet.
+    supported_conditioning = (None, "crossattn")
+
+    def after_loading(self, loaded: set[str], path) -> None:
+        super().after_loading(loaded, path)
+        if "scale_factor" in loaded:  # the file's, kept: fine-tunes keep their latent scale
+            self._rescale_pending = False
 
     def make_cond_stage(self, config: Mapping | str) -> nn.Module | None:
-        if config == "__is_first_stage__":
-            return self.first_stage_model
         model = instantiate_from_config(config)
-        return model if model is None or self.cond_stage_trainable else frozen(model)
+        if model is None or not self.cond_stage_trainable:
+            return model if model is None else frozen(model)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                f"cond_stage_trainable: true, but the condition stage {type(model).__name__} "
+                "is frozen, so nothing of it would train: set cond_stage_config.params.freeze: "
+                "false, or cond_stage_trainable: false"
+            )
+        return model
 
     def train(self, mode: bool = True) -> LatentDiffusion:
         """Train the UNet; the frozen stages stay in eval mode (no dropout, fixed norms)."""
@@ -545,14 +570,19 @@ class LatentDiffusion(DDPM):
     def log_images(
         self, batch: Mapping, n: int = 8, steps: int = 20, guidance_scale: float = 3.0
     ) -> dict[str, object]:
-        """Inputs, reconstructions and EMA samples for the batch's captions, in [-1, 1]."""
+        """Inputs, reconstructions and EMA samples for the batch's captions, in [-1, 1]
+        (unguided and guided; an unconditional model's samples are unguided only)."""
         batch = {k: v[:n] for k, v in batch.items()}
         z, _ = self.get_input(batch)
-        captions = list(batch_item(batch, self.cond_stage_key))
         images = {}
         if MOMENTS_KEY not in batch:  # a latent cache holds no images
             images["inputs"] = DDPM.get_input(self, batch, self.first_stage_key)
         images["reconstructions"] = self.decode_first_stage(z)
+        if self.cond_stage_model is None:
+            with self.ema_scope():
+                images["samples"] = self.decode_first_stage(self.sample(None, len(z), steps))
+            return images
+        captions = list(batch_item(batch, self.cond_stage_key))
         with self.ema_scope():
             cond = self.get_learned_conditioning(captions)
             uncond = self.get_learned_conditioning([""] * len(captions))

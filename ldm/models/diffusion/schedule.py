@@ -72,6 +72,17 @@ def rescale_zero_terminal_snr(betas: torch.Tensor, floor: float = ZERO_SNR_FLOOR
     return 1 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
 
 
+def zero_snr_betas(betas: torch.Tensor, parameterization: str) -> torch.Tensor:
+    """`rescale_zero_terminal_snr(betas)` for a model that predicts v or x0: at SNR 0 an eps
+    prediction says nothing about x0 (Lin et al. 2024), so eps models are refused."""
+    if parameterization == "eps":
+        raise ValueError(
+            "zero_terminal_snr needs parameterization v or x0: at SNR 0 an eps "
+            "prediction says nothing about x0 (Lin et al. 2024)"
+        )
+    return rescale_zero_terminal_snr(betas)
+
+
 def schedule_buffers(betas: torch.Tensor, v_posterior: float = 0.0) -> dict[str, torch.Tensor]:
     """The original LatentDiffusion schedule buffers, by name, from betas (Ho et al. 2020)."""
     alphas = 1 - betas

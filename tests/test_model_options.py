@@ -1,0 +1,103 @@
+"""LatentDiffusion options that must work end to end or be refused at construction: EMA under
+gradient accumulation, unconditional models, conditioning keys, a trainable condition stage."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import load_config
+
+from ldm.util import instantiate_from_config
+
+
+def build(**params):
+    config = load_config("tiny/txt2img.yaml").model
+    config.params.update(params)
+    return instantiate_from_config(config)
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 32, 32, 3, generator=g) * 2 - 1
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "caption": "a red circle"}
+
+
+def fit(model, tmp_path, n_items: int = 16, **trainer_kwargs) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, **trainer_kwargs,
+    )  # fmt: skip
+    trainer.fit(model, torch.utils.data.DataLoader(Images(n_items), batch_size=2))
+    return trainer
+
+
+def test_ema_updates_once_per_optimizer_step_under_accumulation(tmp_path):
+    model = build()
+    trainer = fit(model, tmp_path, max_steps=2, accumulate_grad_batches=4)
+    assert trainer.global_step == 2
+    assert model.model_ema.num_updates.item() == 2  # not 8, once per micro-batch
+
+
+def unconditional(**params):
+    unet = {
+        "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+        "params": dict(
+            image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1,
+            attention_resolutions=[2], channel_mult=[1, 2], num_heads=2,
+        ),
+    }  # fmt: skip
+    return build(
+        cond_stage_config="__is_unconditional__", conditioning_key=None, unet_config=unet,
+        ucg_training=None, **params,
+    )  # fmt: skip
+
+
+def test_an_unconditional_latent_diffusion_model_trains_samples_and_logs_images(tmp_path):
+    model = unconditional()
+    trainer = fit(model, tmp_path, max_steps=2)
+    assert trainer.global_step == 2
+    model.eval()
+    with torch.no_grad():
+        latents = model.sample(None, 2, steps=3)
+        assert latents.shape == (2, 4, 8, 8) and torch.isfinite(latents).all()
+        images = model.log_images({"image": Images(2).images, "caption": ["", ""]}, n=2, steps=2)
+    assert images["samples"].shape == (2, 3, 32, 32)
+    assert images["inputs"].shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "params, fragments",
+    [
+        ({"conditioning_key": "concat"}, ["conditioning_key", "'concat'", "not supported"]),
+        ({"conditioning_key": "hybrid"}, ["conditioning_key", "'hybrid'", "not supported"]),
+        ({"conditioning_key": None}, ["'concat'", "concat_mode"]),  # the original's default
+        (
+            {"cond_stage_config": "__is_first_stage__"},
+            ["__is_first_stage__", "not supported"],
+        ),
+    ],
+    ids=["concat", "hybrid", "concat_mode-default", "first-stage-conditioning"],
+)
+def test_conditioning_options_not_built_yet_are_refused_by_name(params, fragments):
+    with pytest.raises(NotImplementedError) as info:
+        build(**params)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+
+
+def test_a_trainable_condition_stage_must_not_be_frozen():
+    with pytest.raises(ValueError, match="cond_stage_trainable.*freeze: false"):
+        build(cond_stage_trainable=True)
+    config = load_config("tiny/txt2img.yaml").model
+    config.params.cond_stage_trainable = True
+    config.params.cond_stage_config.params.freeze = False
+    model = instantiate_from_config(config)
+    encoder = {id(p) for p in model.cond_stage_model.parameters()}
+    assert encoder and encoder <= {id(p) for p in model.trainable_parameters()}
