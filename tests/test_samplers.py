@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_config
+from conftest import load_config, with_live_zero_layers
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
 from ldm.models.diffusion import schedule
@@ -518,16 +518,6 @@ def test_ddim_img2img_encodes_then_decodes_the_remaining_steps():
     generator = torch.Generator().manual_seed(4)
     expected = diffusers_steps(ref, lowest, eps_fn, z, eta=0.5, generator=generator)
     torch.testing.assert_close(noisy, expected, atol=1e-5, rtol=0)
-
-
-def with_live_zero_layers(module: torch.nn.Module) -> torch.nn.Module:
-    """`module` with its all-zero tensors refilled: a freshly built UNet's zero-initialised
-    output layers make it predict 0 whatever x_t, t and the context."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.normal_(std=0.05)
-    return module
 
 
 class UNetModelWrapper:

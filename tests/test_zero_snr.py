@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_config
+from conftest import load_config, with_live_zero_layers
 from diffusers import DDIMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
@@ -83,16 +83,6 @@ def test_ddim_on_trailing_steps_matches_diffusers_zero_snr_v_sampling():
         torch.testing.assert_close(step["x0"], out.pred_original_sample, atol=5e-3, rtol=0)
         torch.testing.assert_close(step["x"], out.prev_sample, atol=5e-3, rtol=0)
         x = out.prev_sample
-
-
-def with_live_zero_layers(module: torch.nn.Module) -> torch.nn.Module:
-    """`module` with its all-zero tensors refilled: a freshly built UNet's zero-initialised
-    output layers make it predict 0 whatever x_t, t and the context."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.normal_(std=0.05)
-    return module
 
 
 def test_zero_snr_model_samples_from_t_max_as_diffusers_does():
