@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import logging
 import os
 import sys
@@ -20,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from ldm.callbacks import (
-    LAST_CHECKPOINT,
     AtomicCheckpointIO,
     NonFiniteLossGuard,
     RNGStateCallback,
@@ -28,7 +26,15 @@ from ldm.callbacks import (
     SetupCallback,
     SkippedImagesReport,
 )
-from ldm.checkpoint import UNSAFE_PICKLE_FLAG, CheckpointError, load_weights
+from ldm.checkpoint import (
+    UNSAFE_PICKLE_FLAG,
+    CheckpointError,
+    checkpoint_dir,
+    config_dir,
+    last_checkpoint,
+    load_weights,
+    saved_configs,
+)
 from ldm.data import DataModuleFromConfig  # noqa: F401  (original configs name main.DataModuleFromConfig)
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -116,7 +122,7 @@ def resolve_resume(resume: str) -> tuple[str, str]:
     if os.path.isfile(resume):
         logdir = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
         return logdir, resume
-    ckpt = os.path.join(resume.rstrip("/"), "checkpoints", LAST_CHECKPOINT)
+    ckpt = str(last_checkpoint(resume.rstrip("/")))
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"-r/--resume: no {ckpt}; pass the checkpoint to resume from")
     return resume.rstrip("/"), ckpt
@@ -138,7 +144,7 @@ def make_run_dirs(opt: argparse.Namespace, now: str) -> tuple[str, str, list[str
     """(log dir, checkpoint to resume from or "", config files) for this run."""
     if opt.resume:
         logdir, ckpt = resolve_resume(opt.resume)
-        saved = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
+        saved = [str(path) for path in saved_configs(logdir)]
         return logdir, ckpt, saved + opt.base
     if not opt.base:
         raise SystemExit("main.py: pass at least one config with --base (or -r to resume)")
@@ -232,7 +238,7 @@ def checkpoint_callbacks(ckptdir: str, monitor, config: DictConfig, lightning_co
 
 
 def make_callbacks(now, logdir, config, lightning_config, model) -> list[pl.Callback]:
-    ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
+    ckptdir, cfgdir = str(checkpoint_dir(logdir)), str(config_dir(logdir))
     callbacks = [
         SetupCallback(now, logdir, ckptdir, cfgdir, config, lightning_config),
         RNGStateCallback(),

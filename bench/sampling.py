@@ -4,9 +4,10 @@ time each spends outside the UNet.
     python -m bench.sampling [--config tiny/txt2img.yaml] [--steps 20] [--batch 4]
         [--guidance 3] [--repeats 5] [--device cpu|cuda]
 
-Ours is `LatentDiffusion.sample`; the reference is the loop of diffusers' pipelines: a
-`DDIMScheduler` of the same schedule and parameterisation stepping `UNet2DConditionModel`
-(holding the same weights) on the batched [uncond, cond] input. Prints one JSON object: median
+Ours is `ldm.models.diffusion.sampling.sample` (DDIM, as `LatentDiffusion.sample`); the
+reference is the loop of diffusers' pipelines: a `DDIMScheduler` of the same schedule and
+parameterisation stepping `UNet2DConditionModel` (holding the same weights) on the batched
+[uncond, cond] input. Prints one JSON object: median
 milliseconds of each, the ratio ours / diffusers, the fraction of time outside the UNet, and the
 largest difference between the two results (same start noise).
 """
@@ -21,6 +22,7 @@ import torch
 
 from bench.common import compared, emit, environment, interleaved
 from bench.reference import diffusers_ddim, diffusers_unet, model_config, randomized
+from ldm.models.diffusion.sampling import sample as sample_latents
 from ldm.util import instantiate_from_config
 
 
@@ -91,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
         "diffusers": ForwardTimer(unet, device),
     }
     samplers = {
-        "ours": lambda: model.sample(cond, opt.batch, opt.steps, opt.guidance, uncond, x_T=x),
+        "ours": lambda: sample_latents(
+            model, cond, uncond, steps=opt.steps, guidance_scale=opt.guidance, x_T=x
+        ),
         "diffusers": lambda: diffusers_sample(
             unet, scheduler, x, cond, uncond, opt.steps, opt.guidance
         ),

@@ -19,12 +19,10 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchvision.utils import make_grid
 
-from ldm.checkpoint import load_torch_file, write_atomically
+from ldm.checkpoint import LAST_CHECKPOINT, config_names, load_torch_file, write_atomically
 from ldm.data.sampler import derive_seed
 
 logger = logging.getLogger(__name__)
-
-LAST_CHECKPOINT = "last.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -60,9 +58,10 @@ class SetupCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for folder in (self.logdir, self.ckptdir, self.cfgdir):
             os.makedirs(folder, exist_ok=True)
-        OmegaConf.save(self.config, os.path.join(self.cfgdir, f"{self.now}-project.yaml"))
+        project, lightning_name = config_names(self.now)
+        OmegaConf.save(self.config, os.path.join(self.cfgdir, project))
         lightning = OmegaConf.create({"lightning": self.lightning_config})
-        OmegaConf.save(lightning, os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
+        OmegaConf.save(lightning, os.path.join(self.cfgdir, lightning_name))
 
 
 def rng_state() -> dict[str, Any]:

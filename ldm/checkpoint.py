@@ -1,4 +1,5 @@
-"""Read and write checkpoints in the original Stable Diffusion layout (.ckpt and .safetensors)."""
+"""Files on disk: checkpoints in the original Stable Diffusion layout (.ckpt and .safetensors),
+the EMA key rule, and the layout of a `main.py` run dir."""
 
 from __future__ import annotations
 
@@ -12,16 +13,14 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ldm.util import instantiate_from_config
-
 # Keys that original SD files carry and current libraries no longer keep in their state dicts.
 LEGACY_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
-EMA_PREFIX = "model_ema."
+EMA_PREFIX = "model_ema."  # LitEma's buffers in a LatentDiffusion state dict
+MODEL_PREFIX = "model."  # the weights LitEma tracks (DiffusionWrapper's)
 # The command-line flag of every entry point that passes unsafe_pickle=True; errors name it.
 UNSAFE_PICKLE_FLAG = "--unsafe_pickle"
 # How torch's weights-only unpickler names the class or function it refused to import.
@@ -282,20 +281,85 @@ def new_temporary_file(path: Path) -> str:
             continue
 
 
-def load_run(
-    logdir: str | os.PathLike, ckpt: str | os.PathLike | None = None, *, unsafe_pickle=False
-):
-    """(model, config) of a `main.py` run: its saved config, weights from `ckpt` or last.ckpt."""
-    logdir = Path(logdir)
-    configs = sorted((logdir / "configs").glob("*-project.yaml"))
-    if not configs:
-        raise CheckpointError(f"{logdir} has no configs/*-project.yaml; is it a main.py log dir?")
-    ckpt = Path(ckpt) if ckpt else logdir / "checkpoints" / "last.ckpt"
-    config = OmegaConf.merge(*(OmegaConf.load(c) for c in configs))
-    params = config.model.params
-    params.ckpt_path = None  # the run's own weights come from `ckpt`, below
-    if "first_stage_config" in params:
-        params.first_stage_config.params.ckpt_path = None
-    model = instantiate_from_config(config.model)
-    load_weights(model, ckpt, unsafe_pickle=unsafe_pickle)
-    return model.eval(), config
+def ema_buffer_name(name: str) -> str:
+    """LitEma's buffer name for the parameter `name` of the module it tracks: the name without
+    dots, as in the original (`diffusion_model.out.2.weight` -> `diffusion_modelout2weight`)."""
+    return name.replace(".", "")
+
+
+def ema_key(key: str) -> str:
+    """The state-dict key of the EMA copy of the `model.*` weight `key`."""
+    return EMA_PREFIX + ema_buffer_name(key.removeprefix(MODEL_PREFIX))
+
+
+def swap_in_ema(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, bool]:
+    """(state dict with the EMA copy in place of the `model.*` weights and no `model_ema.*`,
+    whether there was an EMA copy to swap in)."""
+    has_ema = any(k.startswith(EMA_PREFIX) for k in state_dict)
+    swapped = {
+        k: state_dict.get(ema_key(k), v) if k.startswith(MODEL_PREFIX) else v
+        for k, v in filter_keys(state_dict, [EMA_PREFIX]).items()
+    }
+    return swapped, has_ema
+
+
+# The layout of a `main.py` run dir: SetupCallback and the checkpoint callbacks write it, the
+# loaders and `-r` read it.
+#   <logdir>/configs/<now>-project.yaml     the merged config (what builds the model)
+#   <logdir>/configs/<now>-lightning.yaml   the `lightning:` section
+#   <logdir>/checkpoints/last.ckpt          the latest weights (plus step / best checkpoints)
+CONFIG_DIR = "configs"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+PROJECT_CONFIG = "-project.yaml"
+LIGHTNING_CONFIG = "-lightning.yaml"
+
+
+def config_dir(logdir: str | os.PathLike) -> Path:
+    """Where a run keeps its saved configs."""
+    return Path(logdir) / CONFIG_DIR
+
+
+def checkpoint_dir(logdir: str | os.PathLike) -> Path:
+    """Where a run keeps its checkpoints."""
+    return Path(logdir) / CHECKPOINT_DIR
+
+
+def last_checkpoint(logdir: str | os.PathLike) -> Path:
+    """A run's latest checkpoint, `-r`'s default."""
+    return checkpoint_dir(logdir) / LAST_CHECKPOINT
+
+
+def config_names(now: str) -> tuple[str, str]:
+    """(project, lightning) config file names of the run started at `now`."""
+    return f"{now}{PROJECT_CONFIG}", f"{now}{LIGHTNING_CONFIG}"
+
+
+def run_configs(logdir: str | os.PathLike) -> list[Path]:
+    """A run's saved project configs, oldest first (a resumed run adds one): what builds its
+    model when merged in this order."""
+    return sorted(config_dir(logdir).glob(f"*{PROJECT_CONFIG}"))
+
+
+def saved_configs(logdir: str | os.PathLike) -> list[Path]:
+    """Every config a run saved, project and lightning, sorted by name: what `-r` merges."""
+    return sorted(config_dir(logdir).glob("*.yaml"))
+
+
+def run_files(path: str | os.PathLike) -> tuple[list[Path], Path]:
+    """(saved configs, checkpoint) of a `main.py` log dir, or of a checkpoint inside one.
+
+    The config list is empty when `path` is a checkpoint outside any log dir.
+    """
+    path = Path(path)
+    if path.is_dir():
+        configs = run_configs(path)
+        if not configs:
+            raise CheckpointError(
+                f"{path} is a directory without {CONFIG_DIR}/*{PROJECT_CONFIG}; "
+                "is it a main.py log dir?"
+            )
+        return configs, last_checkpoint(path)
+    if path.parent.name == CHECKPOINT_DIR:
+        return run_configs(path.parent.parent), path
+    return [], path

@@ -18,6 +18,7 @@ import torch
 from scipy import ndimage
 
 from ldm.data.synthetic import SyntheticShapes, draw_shape
+from ldm.models.diffusion import sampling
 
 # A pixel belongs to the shape when it is this far (RGB distance) from the background colour.
 FOREGROUND_DISTANCE = 60.0
@@ -106,9 +107,10 @@ def generate(
     with model.ema_scope():
         cond = model.get_learned_conditioning(captions)
         uncond = model.get_learned_conditioning([""] * len(captions))
-        latents = model.sample(
-            cond, len(captions), steps, scale, uncond, eta=eta, generator=generator
-        )
+        latents = sampling.sample(
+            model, cond, uncond, steps=steps, guidance_scale=scale, eta=eta,
+            batch_size=len(captions), generator=generator,
+        )  # fmt: skip
         return model.decode_first_stage(latents)
 
 

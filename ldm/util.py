@@ -146,3 +146,20 @@ def make_optimizer(config: Mapping | None, params: list[torch.nn.Parameter], lr:
         return get_obj_from_str(target)(params, lr=lr, **to_plain(config.get("params") or {}))
     except TypeError as err:
         raise ConfigError(f"optimizer_config {target!r}: {err}") from err
+
+
+def reject_unsupported(where: str, options: Mapping[str, tuple[Any, Any]]) -> None:
+    """Raise NotImplementedError naming each option set to other than its one supported value.
+
+    `options` maps a name to (the value given, the value supported); None is supported only as
+    None, and a tensor (a mask, an x0) never counts as the default.
+    """
+
+    def supported(value: Any, default: Any) -> bool:
+        if default is None or isinstance(value, torch.Tensor):
+            return value is None
+        return value == default
+
+    bad = [f"{k}={v!r} (only {d!r})" for k, (v, d) in options.items() if not supported(v, d)]
+    if bad:
+        raise NotImplementedError(f"{where}: {', '.join(bad)} not supported")

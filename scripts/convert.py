@@ -30,7 +30,9 @@ from ldm.checkpoint import (  # noqa: E402
     filter_keys,
     fitting_state_dict,
     read_state_dict,
+    run_files,
     save_checkpoint,
+    swap_in_ema,
 )
 from ldm.util import instantiate_from_config  # noqa: E402
 
@@ -57,7 +59,7 @@ def get_parser() -> argparse.ArgumentParser:
 def exported(state_dict: dict, use_ema: bool, drop_ema: bool, half: bool) -> dict:
     """The state dict as the options ask: EMA swapped in or dropped, fp16 or as it was."""
     if use_ema:
-        state_dict, has_ema = inference.swap_in_ema(state_dict)
+        state_dict, has_ema = swap_in_ema(state_dict)
         if not has_ema:
             raise CheckpointError("--use_ema: the checkpoint has no model_ema.* weights")
     elif drop_ema:
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     if out.suffix not in SUFFIXES:
         sys.exit(f"convert.py: --out {out}: expected a {' or '.join(SUFFIXES)} file name")
     try:
-        run_configs, ckpt = inference.run_files(opt.ckpt)
+        run_configs, ckpt = run_files(opt.ckpt)
         configs = opt.config or run_configs
         state_dict = read_state_dict(ckpt, unsafe_pickle=opt.unsafe_pickle)
         state_dict = exported(state_dict, opt.use_ema, opt.drop_ema, opt.half)

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import main as train  # noqa: E402
+from ldm.checkpoint import last_checkpoint  # noqa: E402
 from scripts import evaluate  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     opt = get_parser().parse_args(argv)
     start = time.time()
     ae_dir = run("autoencoder.yaml", "demo-autoencoder", opt.ae_steps, opt)
-    ae_ckpt = ae_dir / "checkpoints" / "last.ckpt"
+    ae_ckpt = last_checkpoint(ae_dir)
     ae_minutes = (time.time() - start) / 60
     ldm_dir = run(
         "txt2img.yaml", "demo-txt2img", opt.ldm_steps, opt,

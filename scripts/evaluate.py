@@ -22,8 +22,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm import inference  # noqa: E402
 from ldm.callbacks import to_uint8_grid  # noqa: E402
-from ldm.checkpoint import UNSAFE_PICKLE_FLAG, CheckpointError, load_run  # noqa: E402
+from ldm.checkpoint import (  # noqa: E402
+    UNSAFE_PICKLE_FLAG,
+    CheckpointError,
+    checkpoint_dir,
+    run_files,
+    saved_configs,
+)
 from ldm.data.synthetic import SyntheticShapes  # noqa: E402
 from ldm.evaluation import accuracy, generate, judge, prompt_grid, to_uint8  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
@@ -66,7 +73,9 @@ def score_checkpoint(opt, ckpt: Path | None, outdir: Path) -> dict:
     """Scores of one checkpoint of the run; its sample grid and captions go to `outdir`."""
     start = time.time()
     try:
-        model, config = load_run(opt.logdir, ckpt, unsafe_pickle=opt.unsafe_pickle)
+        configs, last = run_files(opt.logdir)
+        # the run's EMA weights, swapped in at load: generate()'s ema_scope has nothing to swap
+        model, config = inference.load_model(ckpt or last, configs, unsafe_pickle=opt.unsafe_pickle)
     except CheckpointError as err:
         sys.exit(f"evaluate.py: {err}")
     data = instantiate_from_config(config.data.params.train)
@@ -85,9 +94,9 @@ def score_checkpoint(opt, ckpt: Path | None, outdir: Path) -> dict:
 def training_curve(opt) -> list[dict]:
     """Scores of every `epoch=...-step=...` checkpoint, with minutes since the run started."""
     logdir = Path(opt.logdir)
-    started = min(p.stat().st_mtime for p in (logdir / "configs").glob("*.yaml"))
+    started = min(p.stat().st_mtime for p in saved_configs(logdir))
     curve = []
-    for ckpt in sorted((logdir / "checkpoints").glob("epoch=*-step=*.ckpt")):
+    for ckpt in sorted(checkpoint_dir(logdir).glob("epoch=*-step=*.ckpt")):
         step = int(ckpt.stem.rsplit("step=", 1)[1])
         minutes = round((ckpt.stat().st_mtime - started) / 60, 1)
         scores = score_checkpoint(opt, ckpt, Path(opt.outdir) / f"step-{step:06}")

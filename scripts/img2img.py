@@ -21,9 +21,15 @@ from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm import inference  # noqa: E402
-from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from scripts.txt2img import add_common_args, conditionings, save, setup  # noqa: E402
+from ldm.models.diffusion import sampling  # noqa: E402
+from scripts.common import (  # noqa: E402
+    add_common_args,
+    conditionings,
+    latent_factor,
+    precision_scope,
+    save,
+    setup,
+)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -49,26 +55,6 @@ def load_img(path: str, multiple: int) -> torch.Tensor:
     return pixels.permute(2, 0, 1)[None]
 
 
-def redraw(model, sampler: DDIMSampler, z0, t_enc: int, steps: int, guidance: tuple):
-    """Latents from z0 noised to DDIM step t_enc (of `steps`) and denoised under `guidance`.
-
-    t_enc = 0 is z0 itself; t_enc = steps starts from pure noise and runs every step.
-    """
-    if t_enc == 0:
-        return z0
-    noise = torch.randn_like(z0)
-    if t_enc == steps:
-        z_t = noise
-    else:
-        t = torch.full(z0.shape[:1], t_enc, device=z0.device)  # (B,) DDIM step index
-        z_t = sampler.stochastic_encode(z0, t, noise=noise)
-    cond, uncond, scale, rescale = guidance
-    return sampler.decode(
-        z_t, cond, t_enc, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-        guidance_rescale=rescale,
-    )  # fmt: skip
-
-
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> list[torch.Tensor]:
     opt = get_parser().parse_args(argv)
@@ -78,24 +64,20 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
         sys.exit(f"img2img.py: --init-img {opt.init_img}: no such file")
     model, device, batches = setup(opt, "img2img.py")
     try:
-        init = load_img(opt.init_img, 8 * inference.latent_factor(model)).to(device)
+        init = load_img(opt.init_img, 8 * latent_factor(model)).to(device)
     except ValueError as err:
         sys.exit(f"img2img.py: {err}")
-    sampler = DDIMSampler(model)
-    sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
-    t_enc = round(opt.strength * opt.ddim_steps)
     images = []
-    with inference.precision_scope(opt.precision, device):
+    with precision_scope(opt.precision, device):
         z0 = model.scale_factor * model.encode_first_stage(init).mode()  # (1, C, h, w)
         for _ in range(opt.n_iter):
             for prompts in batches:
-                guidance = (
-                    *conditionings(model, prompts, opt.scale),
-                    opt.scale,
-                    opt.guidance_rescale,
-                )
-                z0_batch = z0.expand(len(prompts), -1, -1, -1)
-                latents = redraw(model, sampler, z0_batch, t_enc, opt.ddim_steps, guidance)
+                cond, uncond = conditionings(model, prompts, opt.scale)
+                latents = sampling.img2img(
+                    model, z0.expand(len(prompts), -1, -1, -1), cond, uncond,
+                    strength=opt.strength, steps=opt.ddim_steps, guidance_scale=opt.scale,
+                    guidance_rescale=opt.guidance_rescale, eta=opt.ddim_eta,
+                )  # fmt: skip
                 images.append(model.decode_first_stage(latents).float().clamp(-1, 1))
     save(opt, images)
     return images

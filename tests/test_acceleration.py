@@ -152,14 +152,14 @@ def test_small_wide_conv_as_gemm_matches_nn_conv2d(batch, size, kernel, stride, 
 
 
 def test_autocast_sampling_holds_the_unet_in_bf16_with_fp32_results_nearby():
-    from ldm import inference
+    from scripts import common
 
     model = randomize(tiny_model()).eval()
     cond, x_T = torch.randn(2, 77, 32), torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         full = model.sample(cond, 2, steps=5, x_T=x_T)
-        inference.prepare_for_precision(model, "autocast", torch.device("cpu"))
+        common.prepare_for_precision(model, "autocast", torch.device("cpu"))
         assert {p.dtype for p in model.model.parameters()} == {torch.bfloat16}
-        with inference.precision_scope("autocast", torch.device("cpu")):
+        with common.precision_scope("autocast", torch.device("cpu")):
             half = model.sample(cond, 2, steps=5, x_T=x_T)
     assert (half.float() - full).norm() / full.norm() < 0.05

@@ -15,14 +15,13 @@ from torch.utils.data import default_collate
 import main
 from ldm.data import SyntheticShapes, WebDatasetShards
 from ldm.data.cache import (
-    CONTEXT_KEY,
-    MOMENTS_KEY,
     CachedLatents,
     LatentCache,
     build_cache,
     fingerprint,
     write_manifest,
 )
+from ldm.models.diffusion.conditioning import CONTEXT_KEY, MOMENTS_KEY
 from ldm.util import instantiate_from_config
 
 

@@ -8,10 +8,26 @@ import stat
 
 import pytest
 import torch
-from conftest import load_config
+from conftest import ROOT, load_config
 
 from ldm.callbacks import AtomicCheckpointIO
-from ldm.checkpoint import CheckpointError, load_weights, read_state_dict, save_checkpoint
+from ldm.checkpoint import (
+    EMA_PREFIX,
+    CheckpointError,
+    config_dir,
+    config_names,
+    ema_buffer_name,
+    ema_key,
+    filter_keys,
+    last_checkpoint,
+    load_weights,
+    read_state_dict,
+    run_configs,
+    run_files,
+    save_checkpoint,
+    swap_in_ema,
+)
+from ldm.inference import load_model
 from ldm.util import instantiate_from_config
 
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
@@ -200,3 +216,67 @@ def test_checkpoints_get_the_permissions_of_a_plain_file(tmp_path, umask, suffix
     for written in (plain, path, lightning):
         assert stat.S_IMODE(written.stat().st_mode) == expected, (written, oct(umask))
     assert umask != 0o022 or expected == 0o644
+
+
+# ---------------------------------------------------------------- EMA keys and run dirs
+
+
+def test_the_ema_key_rule_is_the_one_litema_and_the_swap_use():
+    model = perturbed(tiny())  # the EMA buffers keep the weights as built: EMA != raw
+    state_dict = {k: v.clone() for k, v in model.state_dict().items()}
+    tracked = [n for n, p in model.model.named_parameters() if p.requires_grad]
+    assert model.model_ema.m_name2s_name == {n: ema_buffer_name(n) for n in tracked}
+    buffers = {k for k in state_dict if k.startswith(EMA_PREFIX)}
+    keys = {ema_key("model." + n): "model." + n for n in tracked}
+    assert len(keys) == len(tracked)  # no two parameters share a buffer name
+    assert set(keys) == buffers - {EMA_PREFIX + "decay", EMA_PREFIX + "num_updates"}
+    swapped, has_ema = swap_in_ema(state_dict)
+    model.model_ema.copy_to(model.model)
+    expected = filter_keys(model.state_dict(), [EMA_PREFIX])
+    assert has_ema and swapped.keys() == expected.keys()
+    assert all(torch.equal(swapped[k], v) for k, v in expected.items())
+    assert not all(torch.equal(state_dict[k], expected[k]) for k in keys.values())
+
+
+def fake_run(logdir, model):
+    """A main.py log dir as SetupCallback and the checkpoint callbacks lay it out."""
+    config_dir(logdir).mkdir(parents=True)
+    project, _ = config_names("2026-01-01T00-00-00")
+    (config_dir(logdir) / project).write_text((ROOT / "configs/tiny/txt2img.yaml").read_text())
+    save_checkpoint(model.state_dict(), last_checkpoint(logdir))
+    return logdir
+
+
+def test_a_run_dir_loads_as_its_last_ckpt_with_its_config(tmp_path):
+    logdir = fake_run(tmp_path / "run", perturbed(tiny()))
+    configs = run_configs(logdir)
+    assert run_files(logdir) == (configs, last_checkpoint(logdir))
+    assert run_files(last_checkpoint(logdir)) == (configs, last_checkpoint(logdir))
+    outside = tmp_path / "model.ckpt"
+    outside.write_bytes(last_checkpoint(logdir).read_bytes())
+    assert run_files(outside) == ([], outside)
+    models = [
+        load_model(logdir),
+        load_model(last_checkpoint(logdir)),
+        load_model(outside, configs),
+        load_model(str(outside), str(configs[0])),
+    ]
+    (reference, config), *others = models
+    for model, other_config in others:
+        assert other_config == config and model.state_dict().keys() == reference.state_dict().keys()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in reference.state_dict().items())
+    with pytest.raises(CheckpointError, match="configs/\\*-project.yaml"):
+        run_files(tmp_path)
+
+
+def test_the_loaded_ema_weights_are_those_ema_scope_samples_with(tmp_path):
+    """evaluate.py samples a run with load_model's swapped-in EMA weights: exactly what the
+    full model (model_ema kept) gives under ema_scope."""
+    trained = perturbed(tiny())
+    logdir = fake_run(tmp_path / "run", trained)
+    loaded, _ = load_model(logdir)
+    assert not hasattr(loaded, "model_ema")
+    with trained.ema_scope():
+        expected = outputs(trained)
+    assert torch.equal(outputs(loaded), expected)
+    assert not torch.equal(outputs(trained), expected)

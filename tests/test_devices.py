@@ -3,7 +3,7 @@
 A tensor made on the CPU without `device=` meets the model's meta tensors and fails ("Tensor on
 device meta is not on the expected device cpu"), just as it would meet CUDA tensors on a GPU.
 Each test walks one path that a user takes on a GPU: a training step, every sampler through
-the CompVis API, `sample()`, `log_images` and img2img's redraw.
+the CompVis API and the sampling door, `sample()`, `log_images` and img2img.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import pytest
 import torch
 from conftest import load_config
 
+from ldm.models.diffusion import sampling
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from ldm.models.diffusion.plms import PLMSSampler
 from ldm.util import instantiate_from_config
-from scripts import img2img, txt2img
 
 META = torch.device("meta")
 
@@ -42,10 +44,17 @@ def test_a_training_step_stays_on_the_model_device(model):
     assert loss.device == META
 
 
-@pytest.mark.parametrize("sampler", sorted(txt2img.SAMPLERS))
+ADAPTERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}
+
+
+@pytest.mark.parametrize("sampler", sorted(sampling.SAMPLERS))
 def test_every_sampler_stays_on_the_model_device(model, sampler):
     cond, uncond = meta_conditioning(model)
-    samples, _ = txt2img.SAMPLERS[sampler](model).sample(
+    latents = sampling.sample(
+        model, cond, uncond, sampler=sampler, steps=3, guidance_scale=3.0, batch_size=2
+    )
+    assert latents.device == META
+    samples, _ = ADAPTERS[sampler](model).sample(
         S=3, batch_size=2, shape=(4, 8, 8), conditioning=cond,
         unconditional_guidance_scale=3.0, unconditional_conditioning=uncond, verbose=False,
     )  # fmt: skip
@@ -61,10 +70,10 @@ def test_sample_and_log_images_stay_on_the_model_device(model):
 
 
 @pytest.mark.parametrize("strength_steps", [1, 2, 3])
-def test_img2img_redraw_stays_on_the_model_device(model, strength_steps):
+def test_img2img_stays_on_the_model_device(model, strength_steps):
     cond, uncond = meta_conditioning(model)
-    sampler = DDIMSampler(model)
-    sampler.make_schedule(ddim_num_steps=3, verbose=False)
     z0 = torch.zeros(2, 4, 8, 8, device=META)
-    latents = img2img.redraw(model, sampler, z0, strength_steps, 3, (cond, uncond, 3.0, 0.0))
+    latents = sampling.img2img(
+        model, z0, cond, uncond, strength=strength_steps / 3, steps=3, guidance_scale=3.0
+    )
     assert latents.device == META

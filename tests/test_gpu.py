@@ -17,6 +17,7 @@ import main
 from ldm import inference
 from ldm.checkpoint import read_state_dict
 from ldm.data.synthetic import SyntheticShapes
+from ldm.models.diffusion import sampling
 from scripts import convert, img2img, txt2img
 
 pytestmark = pytest.mark.gpu
@@ -51,7 +52,7 @@ def test_two_training_steps_in_mixed_precision(tmp_path, precision):
     assert model.model_ema.num_updates.item() == 2
 
 
-@pytest.mark.parametrize("sampler", sorted(txt2img.SAMPLERS))
+@pytest.mark.parametrize("sampler", sorted(sampling.SAMPLERS))
 @pytest.mark.parametrize("precision", ["autocast", "full"])
 def test_txt2img_with_each_sampler(logdir, tmp_path, sampler, precision):
     flags = ["--ckpt", str(logdir), "--outdir", str(tmp_path), "--sampler", sampler]

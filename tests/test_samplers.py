@@ -8,10 +8,11 @@ from conftest import load_config, with_live_zero_layers
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
 from ldm.models.diffusion import schedule
-from ldm.models.diffusion.ddim import DDIMSampler, make_ddim_timesteps, sample_ddim
+from ldm.models.diffusion.ddim import DDIMSampler, sample_ddim
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler, sample_dpmpp_2m
 from ldm.models.diffusion.guidance import cfg_eps_fn, model_eps_fn
 from ldm.models.diffusion.plms import PLMSSampler, plms_eps, sample_plms
+from ldm.models.diffusion.schedule import make_ddim_timesteps
 from ldm.util import instantiate_from_config
 
 T = 1000
@@ -349,8 +350,10 @@ def test_model_eps_fn_converts_x0_and_v_predictions_to_eps(parameterization):
 # Each adapter's grid in diffusers' terms. DDIMSampler and PLMSSampler default to "uniform", the
 # original's range(0, T, T // S) + 1: diffusers' "leading" with steps_offset=1 when S divides T
 # (for other S, e.g. 30, the original takes S + 1 steps); both end at alphas_cumprod[0]
-# (set_alpha_to_one=False). DPMSolverSampler's "linspace" grid also ends there
-# (final_sigmas_type="sigma_min"). Zero-terminal-SNR models sample on "trailing" (test_zero_snr).
+# (set_alpha_to_one=False). DPMSolverSampler follows the model's spacing as they do; here it is
+# given "linspace", the grid of the SD 2.x original and of diffusers' DPMSolverMultistepScheduler,
+# which also ends there (final_sigmas_type="sigma_min"). Zero-terminal-SNR models sample on
+# "trailing" (test_zero_snr).
 SCHEDULERS = {
     "ddim": lambda **kw: DDIMScheduler(
         **SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **kw
@@ -391,7 +394,12 @@ def guided_by_hand(predict, cond, uncond, scale: float):
     return guided
 
 
-ADAPTERS = {"ddim": (DDIMSampler, 10), "plms": (PLMSSampler, 11), "dpm": (DPMSolverSampler, 10)}
+def linspace_dpm(model) -> DPMSolverSampler:
+    """DPMSolverSampler on the "linspace" grid of diffusers' DPMSolverMultistepScheduler."""
+    return DPMSolverSampler(model, timestep_spacing="linspace")
+
+
+ADAPTERS = {"ddim": (DDIMSampler, 10), "plms": (PLMSSampler, 11), "dpm": (linspace_dpm, 10)}
 
 
 @pytest.mark.parametrize("name", ADAPTERS)

@@ -21,11 +21,11 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import main
 from ldm import inference
-from ldm.checkpoint import read_state_dict, save_checkpoint
+from ldm.checkpoint import ema_key, read_state_dict, save_checkpoint
 from ldm.data.synthetic import SyntheticShapes
 from ldm.modules.encoders.modules import CLIP_CONFIGS, CLIP_SHARED
 from ldm.util import instantiate_from_config
-from scripts import convert, evaluate, img2img, txt2img
+from scripts import common, convert, evaluate, img2img, txt2img
 
 PROMPT = "a red circle on a blue background"
 FAST = ["--ddim_steps", "3", "--precision", "full", "--device", "cpu"]
@@ -123,9 +123,9 @@ def test_the_ema_weights_are_used_when_present(logdir):
     key = "model.diffusion_model.out.2.weight"
     with_ema, _ = inference.load_model(logdir, use_ema=True)
     without, _ = inference.load_model(logdir, use_ema=False)
-    assert torch.equal(with_ema.state_dict()[key], raw[inference.ema_key(key)])
+    assert torch.equal(with_ema.state_dict()[key], raw[ema_key(key)])
     assert torch.equal(without.state_dict()[key], raw[key])
-    assert not torch.equal(raw[key], raw[inference.ema_key(key)])
+    assert not torch.equal(raw[key], raw[ema_key(key)])
 
 
 def test_txt2img_failures_are_named(logdir, tmp_path, capsys):
@@ -180,7 +180,7 @@ def test_img2img_strength_zero_is_the_reconstruction(logdir, init_img, tmp_path)
     x = img2img.load_img(str(init_img), 32)
     with torch.no_grad():
         expected = model.first_stage_model.decode(model.first_stage_model.encode(x).mode())
-    expected = np.asarray(next(inference.to_pil(expected))).astype(int)
+    expected = np.asarray(next(common.to_pil(expected))).astype(int)
     assert np.abs(images[0].astype(int) - expected).max() <= 1
 
 
@@ -244,7 +244,7 @@ def test_export_options(random_run, tmp_path):
     assert ema.keys() == pruned.keys()
     key = "model.diffusion_model.input_blocks.0.0.weight"
     assert ema[key].dtype == torch.float16
-    expected = source[inference.ema_key(key)]
+    expected = source[ema_key(key)]
     torch.testing.assert_close(ema[key].float(), expected, atol=1e-3, rtol=1e-3)
 
 

@@ -10,8 +10,9 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
 
 from ldm.models.diffusion import schedule
-from ldm.models.diffusion.ddim import make_ddim_timesteps, sample_ddim
+from ldm.models.diffusion.ddim import sample_ddim
 from ldm.models.diffusion.guidance import cfg_eps_fn, rescale_guidance
+from ldm.models.diffusion.schedule import make_ddim_timesteps
 from ldm.util import instantiate_from_config
 
 T = 1000

@@ -35,12 +35,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
 from ldm.checkpoint import write_atomically
+from ldm.models.diffusion.conditioning import CONTEXT_KEY, MOMENTS_KEY
 from ldm.util import batch_item, to_plain
 
 logger = logging.getLogger(__name__)
 
-# Batch keys of cached items: LatentDiffusion reads these in place of images and captions.
-MOMENTS_KEY, CONTEXT_KEY = "first_stage_moments", "cond_stage_context"
 # Bumped when the layout of the files changes, so older caches are rebuilt.
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"

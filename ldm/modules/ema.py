@@ -1,13 +1,16 @@
 """Exponential moving average of a model's trainable parameters, stored as buffers.
 
 The buffer names are the parameter names with the dots removed (`model_ema.diffusion_model...`
-in SD checkpoints), plus `decay` and `num_updates`, as in the original LitEma.
+in SD checkpoints; the rule is `ldm.checkpoint.ema_buffer_name`), plus `decay` and
+`num_updates`, as in the original LitEma.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ldm.checkpoint import ema_buffer_name
 
 
 class LitEma(nn.Module):
@@ -23,7 +26,7 @@ class LitEma(nn.Module):
         self.register_buffer("num_updates", torch.tensor(start, dtype=torch.int))
         for name, p in model.named_parameters():
             if p.requires_grad:
-                self.m_name2s_name[name] = name.replace(".", "")
+                self.m_name2s_name[name] = ema_buffer_name(name)
                 self.register_buffer(self.m_name2s_name[name], p.detach().clone())
         self.collected_params: list[torch.Tensor] = []
 

@@ -1,7 +1,10 @@
-"""Caption dropout for classifier-free guidance: which captions a training batch drops, and to what.
+"""What a model is conditioned on: the conditioning_key a config means, caption dropout, and
+cached text contexts.
 
-Ho & Salimans 2022 (classifier-free guidance): the model learns the unconditional prediction
-from the captions replaced by `val` (the empty caption in SD's recipe) with probability `p`.
+Caption dropout is for classifier-free guidance (Ho & Salimans 2022): the model learns the
+unconditional prediction from the captions replaced by `val` (the empty caption in SD's
+recipe) with probability `p`. A latent cache (`ldm.data.cache`) hands the model the text
+encoder's output instead of captions, under the batch keys defined here, which both sides use.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from collections.abc import Mapping
 import torch
 
 from ldm.util import KEY_ALIASES
+
+# Batch keys of cached items: LatentDiffusion reads these in place of images and captions.
+MOMENTS_KEY, CONTEXT_KEY = "first_stage_moments", "cond_stage_context"
 
 
 def parse_ucg_training(config: Mapping | None) -> dict[str, dict]:
@@ -35,3 +41,29 @@ def drop_conditioning(c: list, p: float, val) -> list:
     unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022)."""
     drop = drop_mask(len(c), p).tolist()
     return [val if d else item for item, d in zip(c, drop, strict=True)]
+
+
+def drop_cached_context(context: torch.Tensor, p: float, dropped: torch.Tensor) -> torch.Tensor:
+    """Cached contexts (B, L, D), each replaced by `dropped` (1, L, D), the context of the
+    dropout caption, with probability p: caption dropout for a batch from a latent cache."""
+    drop = drop_mask(len(context), p).to(context.device)[:, None, None]  # (B, 1, 1)
+    return torch.where(drop, dropped.to(context), context)
+
+
+def resolve_conditioning_key(cond_stage_config, conditioning_key: str | None, concat_mode: bool):
+    """The conditioning_key a LatentDiffusion config means, as the original reads it; what is
+    not built yet is refused by name (the original's default, concat, among it)."""
+    if cond_stage_config == "__is_first_stage__":
+        raise NotImplementedError(
+            "LatentDiffusion: cond_stage_config __is_first_stage__ (conditioning on images "
+            "encoded by the first stage) is not supported yet"
+        )
+    if cond_stage_config == "__is_unconditional__":
+        return None
+    if conditioning_key is None and concat_mode:
+        raise NotImplementedError(
+            "LatentDiffusion: conditioning_key is not set, so concat_mode (true by default, as "
+            "the original) picks 'concat', which is not supported yet: set conditioning_key: "
+            "crossattn (as the SD configs do)"
+        )
+    return conditioning_key or "crossattn"

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ldm.checkpoint import (
@@ -24,12 +23,16 @@ from ldm.checkpoint import (
     read_state_dict,
     unet_weights,
 )
-from ldm.data.cache import CONTEXT_KEY, MOMENTS_KEY
-from ldm.models.diffusion import schedule
-from ldm.models.diffusion.conditioning import drop_conditioning, drop_mask, parse_ucg_training
-from ldm.models.diffusion.ddim import make_ddim_timesteps, sample_ddim
-from ldm.models.diffusion.guidance import cfg_eps_fn
-from ldm.models.diffusion.noise import training_noise
+from ldm.models.diffusion import previews, sampling, schedule
+from ldm.models.diffusion.conditioning import (
+    CONTEXT_KEY,
+    MOMENTS_KEY,
+    drop_cached_context,
+    drop_conditioning,
+    parse_ucg_training,
+    resolve_conditioning_key,
+)
+from ldm.models.diffusion.loss import DiffusionLoss, check_self_conditioning_channels
 from ldm.modules.acceleration import accelerate
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -49,9 +52,6 @@ COMPAT_PARAMS = {
     "concat_mode": "only picks the default conditioning_key when none is given, as the original",
 }
 CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid")
-LOSSES = {"l2": F.mse_loss, "l1": F.l1_loss}
-# Self-conditioning trains with the model's own x0 estimate on this fraction of batches.
-SELF_CONDITIONING_P = 0.5
 # The SD base learning rate; main.py overrides it from the config's base_learning_rate.
 DEFAULT_LEARNING_RATE = 1.0e-4
 
@@ -128,19 +128,21 @@ class DDPM(pl.LightningModule):
                 f"{type(self).__name__}: conditioning_key {conditioning_key!r} is not supported "
                 f"(supported: {self.supported_conditioning})"
             )
-        if parameterization not in schedule.PARAMETERIZATIONS:
-            expected = schedule.PARAMETERIZATIONS
-            raise ValueError(f"parameterization {parameterization!r}; expected one of {expected}")
-        if loss_type not in LOSSES:
-            raise ValueError(f"loss_type {loss_type!r}; expected one of {sorted(LOSSES)}")
-        self.parameterization, self.loss_type = parameterization, loss_type
+        betas = schedule.make_beta_schedule(
+            beta_schedule, timesteps, linear_start, linear_end, cosine_s,
+            sigmoid_start=sigmoid_start, sigmoid_end=sigmoid_end, sigmoid_tau=sigmoid_tau,
+        ) if given_betas is None else torch.tensor(given_betas, dtype=torch.float64)  # fmt: skip
+        if zero_terminal_snr:
+            betas = schedule.zero_snr_betas(betas, parameterization)
+        self.loss_fn = DiffusionLoss(
+            betas, parameterization, loss_type, min_snr_gamma, l_simple_weight,
+            original_elbo_weight, self_conditioning, offset_noise_strength, immiscible,
+        )  # fmt: skip
+        self.parameterization, self.self_conditioning = parameterization, self_conditioning
         self.first_stage_key, self.image_size, self.channels = first_stage_key, image_size, channels
         self.monitor, self.scheduler_config = monitor, scheduler_config
         self.optimizer_config = optimizer_config
-        self.l_simple_weight, self.original_elbo_weight = l_simple_weight, original_elbo_weight
         self.learning_rate = DEFAULT_LEARNING_RATE
-        self.offset_noise_strength, self.immiscible = offset_noise_strength, immiscible
-        self.self_conditioning = self_conditioning
         if self_conditioning:
             check_self_conditioning_channels(unet_config, channels, conditioning_key)
         self.model = DiffusionWrapper(unet_config, conditioning_key)
@@ -148,19 +150,9 @@ class DDPM(pl.LightningModule):
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model)
-        betas = schedule.make_beta_schedule(
-            beta_schedule, timesteps, linear_start, linear_end, cosine_s,
-            sigmoid_start=sigmoid_start, sigmoid_end=sigmoid_end, sigmoid_tau=sigmoid_tau,
-        ) if given_betas is None else torch.tensor(given_betas, dtype=torch.float64)  # fmt: skip
-        if zero_terminal_snr:
-            betas = schedule.zero_snr_betas(betas, parameterization)
         # Sampling starts at t = T where the schedule reaches SNR 0 (Lin et al.'s "trailing").
         self.timestep_spacing = "trailing" if zero_terminal_snr else "uniform"
         self.register_schedule(betas, v_posterior)
-        weights = torch.ones(self.num_timesteps)
-        if min_snr_gamma is not None:
-            weights = schedule.min_snr_weights(self.alphas_cumprod, parameterization, min_snr_gamma)
-        self.register_buffer("loss_weights", weights, persistent=False)
         logvar = torch.full((self.num_timesteps,), float(logvar_init))
         self.learn_logvar = learn_logvar
         if learn_logvar:
@@ -182,8 +174,6 @@ class DDPM(pl.LightningModule):
         for name, value in buffers.items():
             self.register_buffer(name, value.float())
         self.schedule_keys = list(buffers)
-        weights = schedule.vlb_weights(betas, self.parameterization)
-        self.register_buffer("lvlb_weights", weights, persistent=False)
 
     def init_from_ckpt(
         self, path: str, ignore_keys=None, only_model: bool | None = None, *,
@@ -238,9 +228,13 @@ class DDPM(pl.LightningModule):
         finally:
             self.model_ema.restore(self.model.parameters())
 
-    def get_input(self, batch: Mapping, key: str) -> torch.Tensor:
-        """Images (B, H, W, C) in [-1, 1] from the batch as float (B, C, H, W)."""
-        return channels_first(batch_item(batch, key))
+    def batch_images(self, batch: Mapping, key: str | None = None) -> torch.Tensor:
+        """Images (B, H, W, C) in [-1, 1] from the batch (first_stage_key) as (B, C, H, W)."""
+        return channels_first(batch_item(batch, key or self.first_stage_key))
+
+    def get_input(self, batch: Mapping, key: str | None = None) -> tuple[torch.Tensor, object]:
+        """(x0, c): what the diffusion runs on and its conditioning; pixels and none here."""
+        return self.batch_images(batch, key), None
 
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, self_cond=None):
         """The UNet's prediction at (x_t, t); cond: a tensor, a list, or {c_concat, c_crossattn}.
@@ -256,31 +250,13 @@ class DDPM(pl.LightningModule):
         return self.model(x_t, t, **(cond or {}))
 
     def p_losses(self, x0, cond, t, noise=None, prefix=None) -> tuple[torch.Tensor, dict]:
-        """The training loss at timesteps t (Ho et al. 2020, eq. 14) and the values to log."""
-        if noise is None:
-            noise = training_noise(x0, self.offset_noise_strength, self.immiscible)
-        x_t = schedule.q_sample(x0, t, noise, self.alphas_cumprod)
-        self_cond = None
-        if self.self_conditioning and self.training and torch.rand(()) < SELF_CONDITIONING_P:
-            with torch.no_grad():  # a first pass's x0 estimate, as a detached extra input
-                first = self.apply_model(x_t, t, cond)
-                ac = self.alphas_cumprod
-                self_cond = schedule.x0_from_prediction(self.parameterization, x_t, t, first, ac)
-        prediction = self.apply_model(x_t, t, cond, self_cond)
-        target = schedule.training_target(self.parameterization, x0, t, noise, self.alphas_cumprod)
-        loss_simple = LOSSES[self.loss_type](prediction, target, reduction="none")
-        loss_simple = loss_simple.mean(dim=tuple(range(1, x0.ndim)))  # (B,)
-        logvar_t = self.logvar[t]
-        weighted = self.loss_weights[t] * loss_simple  # Min-SNR-gamma, or 1
-        loss = self.l_simple_weight * (weighted / logvar_t.exp() + logvar_t).mean()
-        loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
-        loss = loss + self.original_elbo_weight * loss_vlb
+        """The training loss at timesteps t (`DiffusionLoss`) and the values to log."""
+
+        def predict(x_t: torch.Tensor, t: torch.Tensor, self_cond) -> torch.Tensor:
+            return self.apply_model(x_t, t, cond, self_cond)
+
         prefix = prefix or ("train" if self.training else "val")
-        logs = {
-            f"{prefix}/loss_simple": loss_simple.mean(),
-            f"{prefix}/loss_vlb": loss_vlb,
-            f"{prefix}/loss": loss,
-        }
+        loss, logs = self.loss_fn(predict, x0, t, noise, self.logvar, self.training, prefix)
         if self.learn_logvar:
             logs["logvar"] = self.logvar.mean()
         return loss, logs
@@ -289,9 +265,12 @@ class DDPM(pl.LightningModule):
         """(n,) timesteps drawn uniformly from [0, T)."""
         return torch.randint(0, self.num_timesteps, (n,), device=self.device)
 
+    def forward(self, x0: torch.Tensor, c, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
+        """The loss and logs at random timesteps, for inputs and conditioning from get_input."""
+        return self.p_losses(x0, c, self.random_timesteps(x0.shape[0]), prefix=prefix)
+
     def shared_step(self, batch: Mapping, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
-        x0 = self.get_input(batch, self.first_stage_key)
-        return self.p_losses(x0, None, self.random_timesteps(x0.shape[0]), prefix=prefix)
+        return self(*self.get_input(batch), prefix=prefix)
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
         loss, logs = self.shared_step(batch)
@@ -337,26 +316,22 @@ class DDPM(pl.LightningModule):
     def sample(
         self, cond, batch_size: int, steps: int = 50, guidance_scale: float = 1.0, uncond=None,
         eta: float = 0.0, x_T: torch.Tensor | None = None, generator=None, disable: bool = True,
-        guidance_rescale: float = 0.0,
+        guidance_rescale: float = 0.0, sampler: str = "ddim",
     ) -> torch.Tensor:  # fmt: skip
-        """Samples (B, channels, image_size, image_size) by DDIM; guided when uncond is set.
+        """Samples (B, channels, image_size, image_size) by `sampler`; guided when uncond is set.
 
         For LatentDiffusion these are latents, to decode with `decode_first_stage`.
         """
-        shape = (batch_size, self.channels, self.image_size, self.image_size)
-        x = torch.randn(shape, generator=generator, device=self.device) if x_T is None else x_T
-        eps_fn = cfg_eps_fn(self, cond, uncond, guidance_scale, guidance_rescale)
-        timesteps = make_ddim_timesteps(steps, self.num_timesteps, self.timestep_spacing)
-        return sample_ddim(
-            eps_fn, x, timesteps, self.alphas_cumprod, eta=eta, generator=generator, disable=disable
-        )
+        return sampling.sample(
+            self, cond, uncond, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale, eta=eta, x_T=x_T, batch_size=batch_size,
+            generator=generator, disable=disable,
+        )  # fmt: skip
 
     @torch.no_grad()
     def log_images(self, batch: Mapping, n: int = 8, steps: int = 20) -> dict[str, object]:
-        """Inputs and EMA samples, in [-1, 1], for the ImageLogger."""
-        inputs = self.get_input(batch, self.first_stage_key)[:n]
-        with self.ema_scope():
-            return {"inputs": inputs, "samples": self.sample(None, len(inputs), steps)}
+        """Inputs and EMA samples, in [-1, 1], for the ImageLogger (`previews.py`)."""
+        return previews.pixel_previews(self, batch, n, steps)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates: the UNet, plus logvar when it is learned."""
@@ -372,19 +347,6 @@ class DDPM(pl.LightningModule):
         lr_lambda = instantiate_from_config(self.scheduler_config).schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_lambda)
         return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
-
-
-def check_self_conditioning_channels(unet_config: Mapping, channels: int, conditioning_key):
-    """Self-conditioning doubles the UNet's input: refuse a config whose in_channels do not."""
-    params = unet_config.get("params") or {}
-    in_channels = params.get("in_channels")
-    if conditioning_key in ("concat", "hybrid") or in_channels is None:
-        return
-    if in_channels != 2 * channels:
-        raise ValueError(
-            f"self_conditioning feeds the x0 estimate as {channels} extra input channels: "
-            f"unet_config.params.in_channels must be {2 * channels}, got {in_channels}"
-        )
 
 
 def frozen(module: nn.Module) -> nn.Module:
@@ -417,28 +379,15 @@ class LatentDiffusion(DDPM):
     ):
         if (num_timesteps_cond or 1) != 1:
             raise NotImplementedError("LatentDiffusion: num_timesteps_cond > 1 is not supported")
-        if cond_stage_config == "__is_first_stage__":
-            raise NotImplementedError(
-                "LatentDiffusion: cond_stage_config __is_first_stage__ (conditioning on images "
-                "encoded by the first stage) is not supported yet"
-            )
-        if cond_stage_config == "__is_unconditional__":
-            conditioning_key = None
-        elif conditioning_key is None:
-            conditioning_key = "concat" if concat_mode else "crossattn"
-            if concat_mode:
-                raise NotImplementedError(
-                    "LatentDiffusion: conditioning_key is not set, so concat_mode (true by "
-                    "default, as the original) picks 'concat', which is not supported yet: set "
-                    "conditioning_key: crossattn (as the SD configs do)"
-                )
+        key = resolve_conditioning_key(cond_stage_config, conditioning_key, concat_mode)
         super().__init__(
-            conditioning_key=conditioning_key, ignore_keys=ignore_keys,
-            load_only_unet=load_only_unet, **ddpm_params,
+            conditioning_key=key, ignore_keys=ignore_keys, load_only_unet=load_only_unet,
+            **ddpm_params,
         )  # fmt: skip
         self.cond_stage_key, self.cond_stage_forward = cond_stage_key, cond_stage_forward
         self.cond_stage_trainable = cond_stage_trainable
         self.ucg_training = parse_ucg_training(ucg_training)
+        self.constant_contexts: dict[str, torch.Tensor] = {}  # see constant_context
         self.scale_by_std = scale_by_std
         self._rescale_pending = scale_by_std  # until measured, or loaded from a checkpoint
         if scale_by_std:
@@ -512,7 +461,7 @@ class LatentDiffusion(DDPM):
         if MOMENTS_KEY in batch:
             return DiagonalGaussianDistribution(batch[MOMENTS_KEY])
         with torch.no_grad():
-            return self.encode_first_stage(DDPM.get_input(self, batch, key or self.first_stage_key))
+            return self.encode_first_stage(self.batch_images(batch, key))
 
     def get_input(self, batch: Mapping, key: str | None = None) -> tuple[torch.Tensor, object]:
         """(z, c): scaled first-stage latents and the conditioning (encoded unless trainable).
@@ -528,8 +477,7 @@ class LatentDiffusion(DDPM):
         if CONTEXT_KEY in batch and not self.cond_stage_trainable:
             c = batch[CONTEXT_KEY]
             if ucg is not None:
-                drop = drop_mask(len(c), ucg["p"]).to(c.device)[:, None, None]
-                c = torch.where(drop, self.constant_context(ucg["val"]).to(c), c)
+                c = drop_cached_context(c, ucg["p"], self.constant_context(ucg["val"]))
             return z, c
         if ucg is not None:
             c = drop_conditioning(c, **ucg)
@@ -541,18 +489,14 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def constant_context(self, caption: str) -> torch.Tensor:
         """The frozen text encoder's (1, L, D) output for one caption, computed once."""
-        cache = self.__dict__.setdefault("_constant_contexts", {})
-        if caption not in cache:
-            cache[caption] = self.get_learned_conditioning([caption])
-        return cache[caption]
+        if caption not in self.constant_contexts:
+            self.constant_contexts[caption] = self.get_learned_conditioning([caption])
+        return self.constant_contexts[caption]
 
     def forward(self, z: torch.Tensor, c, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
-        if self.cond_stage_trainable and c is not None:
+        if self.cond_stage_trainable and c is not None:  # encoded here, with gradients
             c = self.get_learned_conditioning(c)
-        return self.p_losses(z, c, self.random_timesteps(z.shape[0]), prefix=prefix)
-
-    def shared_step(self, batch: Mapping, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
-        return self(*self.get_input(batch), prefix=prefix)
+        return super().forward(z, c, prefix)
 
     @torch.no_grad()
     def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
@@ -570,26 +514,8 @@ class LatentDiffusion(DDPM):
     def log_images(
         self, batch: Mapping, n: int = 8, steps: int = 20, guidance_scale: float = 3.0
     ) -> dict[str, object]:
-        """Inputs, reconstructions and EMA samples for the batch's captions, in [-1, 1]
-        (unguided and guided; an unconditional model's samples are unguided only)."""
-        batch = {k: v[:n] for k, v in batch.items()}
-        z, _ = self.get_input(batch)
-        images = {}
-        if MOMENTS_KEY not in batch:  # a latent cache holds no images
-            images["inputs"] = DDPM.get_input(self, batch, self.first_stage_key)
-        images["reconstructions"] = self.decode_first_stage(z)
-        if self.cond_stage_model is None:
-            with self.ema_scope():
-                images["samples"] = self.decode_first_stage(self.sample(None, len(z), steps))
-            return images
-        captions = list(batch_item(batch, self.cond_stage_key))
-        with self.ema_scope():
-            cond = self.get_learned_conditioning(captions)
-            uncond = self.get_learned_conditioning([""] * len(captions))
-            for scale in (1.0, guidance_scale):
-                latents = self.sample(cond, len(captions), steps, scale, uncond)
-                images[f"samples_cfg{scale:g}"] = self.decode_first_stage(latents)
-        return {"captions": captions, **images}
+        """Inputs, reconstructions and EMA samples for the ImageLogger (`previews.py`)."""
+        return previews.latent_previews(self, batch, n, steps, guidance_scale)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = super().trainable_parameters()

@@ -15,8 +15,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import OriginalSampler, alphas_along, ddim_step
+from ldm.models.diffusion.ddim import ddim_step
 from ldm.models.diffusion.guidance import EpsFn
+from ldm.models.diffusion.sampler_api import OriginalSampler
+from ldm.models.diffusion.schedule import alphas_along
 
 # Adams-Bashforth (numerators newest first, denominator) by the number of past eps used.
 ADAMS_BASHFORTH = {1: ((3, -1), 2), 2: ((23, -16, 5), 12), 3: ((55, -59, 37, -9), 24)}

@@ -8,12 +8,14 @@ Notation (one name per concept, as in the rest of the package):
     t       integer timesteps in [0, T)                                    (B,)
     a_t     alphas_cumprod[t], broadcast against x                         (B, 1, 1, 1)
 Ho et al. 2020 (DDPM), Nichol & Dhariwal 2021 (cosine), Salimans & Ho 2022 (v-prediction).
+The last section discretises [0, T) into the samplers' timesteps (Song et al. 2021, DDIM).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
@@ -213,3 +215,45 @@ def min_snr_weights(
             f"parameterization {parameterization!r}; expected one of {list(per_target)}"
         )
     return per_target[parameterization].float()
+
+
+# --- timesteps: the sampling grid over the training schedule -----------------------------------
+
+SPACINGS = ("uniform", "quad", "leading", "trailing", "linspace")
+
+
+def make_ddim_timesteps(
+    num_steps: int, num_train_timesteps: int, spacing: str = "uniform"
+) -> torch.Tensor:
+    """(S,) int64 timesteps, descending: "uniform"/"quad" as the original, the rest as diffusers.
+
+    "uniform" is the original's range(0, T, T // S) + 1, so S + 1 steps when S does not divide T,
+    less t = T where the original indexed past the schedule (S = 3, 9, 27, ...);
+    "leading" is diffusers' with steps_offset=1; "linspace" is the SD 2.x DPM-Solver grid.
+    """
+    n, s = num_train_timesteps, num_steps
+    grids = {
+        "uniform": lambda: np.arange(1, n, n // s),
+        "quad": lambda: (np.linspace(0, np.sqrt(n * 0.8), s) ** 2).astype(np.int64) + 1,
+        "leading": lambda: np.arange(s) * (n // s) + 1,
+        "trailing": lambda: np.round(np.arange(n, 0, -n / s))[::-1] - 1,
+        "linspace": lambda: np.linspace(0, n - 1, s + 1).round()[1:],
+    }
+    if spacing not in grids or not 0 < s <= n:
+        raise ValueError(
+            f"ddim timesteps: spacing {spacing!r}, {s} steps of {n}; "
+            f"expected one of {SPACINGS} and 0 < steps <= {n}"
+        )
+    timesteps = grids[spacing]().astype(np.int64)
+    if timesteps.max() >= n:
+        raise ValueError(f"{spacing!r} spacing with {s} steps reaches t = {timesteps.max()} >= {n}")
+    return torch.from_numpy(timesteps[::-1].copy())
+
+
+def alphas_along(
+    timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, final_alpha: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_t, a_prev) for each step: a_prev is the next timestep's level, then the final one."""
+    a_t = alphas_cumprod[timesteps.to(alphas_cumprod.device)]  # (S,)
+    last = alphas_cumprod[:1] if final_alpha is None else a_t.new_tensor([final_alpha])
+    return a_t, torch.cat([a_t[1:], last])  # (S,), (S,)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldm.util import ConfigError
+from ldm.util import ConfigError, reject_unsupported
 
 # GroupNorm of the autoencoder (`Normalize` in the original).
 NORM_GROUPS, NORM_EPS = 32, 1e-6
@@ -128,10 +128,7 @@ def make_attn(channels: int, attn_type: str) -> nn.Module:
 
 def check_attn(use_linear_attn: bool, attn_type: str) -> None:
     """Reject the attention options this implementation does not have, naming the key."""
-    if use_linear_attn:
-        raise NotImplementedError(
-            "ddconfig.use_linear_attn=True (linear attention) is not supported"
-        )
+    reject_unsupported("ddconfig", {"use_linear_attn": (use_linear_attn, False)})
     if attn_type in UNBUILT_ATTN_TYPES:
         raise NotImplementedError(
             f"ddconfig.attn_type {attn_type!r} is not supported; use one of {ATTN_TYPES}"

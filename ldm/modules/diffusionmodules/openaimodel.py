@@ -19,6 +19,7 @@ from ldm.modules.diffusionmodules.util import (
     timestep_embedding,
     zero_module,
 )
+from ldm.util import reject_unsupported
 
 COMPAT_PARAMS = {
     "image_size": "unused by the original too; the UNet is fully convolutional",
@@ -172,11 +173,15 @@ class UNetModel(nn.Module):
         use_linear_in_transformer: bool = False,
     ):
         super().__init__()
-        _reject_unsupported(
-            conv_resample=(conv_resample, True), dims=(dims, 2), num_classes=(num_classes, None),
-            resblock_updown=(resblock_updown, False), n_embed=(n_embed, None),
-            num_attention_blocks=(num_attention_blocks, None),
-        )  # fmt: skip
+        unsupported = {
+            "conv_resample": (conv_resample, True),
+            "dims": (dims, 2),
+            "num_classes": (num_classes, None),
+            "resblock_updown": (resblock_updown, False),
+            "n_embed": (n_embed, None),
+            "num_attention_blocks": (num_attention_blocks, None),
+        }
+        reject_unsupported("UNetModel", unsupported)
         if use_spatial_transformer and not isinstance(context_dim, int):
             raise ValueError(
                 f"UNetModel: use_spatial_transformer needs an int context_dim, got {context_dim!r}"
@@ -298,12 +303,3 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, H, W)
         return self.out(h)
-
-
-def _reject_unsupported(**params: tuple) -> None:
-    """Raise for params set to something other than their only supported value."""
-    for name, (value, supported) in params.items():
-        if value != supported:
-            raise NotImplementedError(
-                f"UNetModel: {name}={value!r} is not supported (only {supported!r})"
-            )

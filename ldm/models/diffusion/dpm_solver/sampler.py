@@ -7,10 +7,15 @@ alpha_t = sqrt(a_t), sigma_t = sqrt(1 - a_t) and lambda_t = log(alpha_t / sigma_
 It matches diffusers' `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
 solver_order=2, solver_type="midpoint", lower_order_final=True)` step for step: first-order at
 the first step, and at the last one when there are fewer than 15 steps or it lands on a = 1
-(diffusers' final_sigmas_type="zero", our final_alpha=1.0). The adapter uses the SD 2.x grid:
-"linspace" timesteps from 999 and a last step to alphas_cumprod[0] (the original's t = 1/N,
-diffusers' final_sigmas_type="sigma_min"); unlike the original it rounds timesteps to integers
-and, between 10 and 14 steps, ends first-order (the original does so below 10 steps only).
+(diffusers' final_sigmas_type="zero", our final_alpha=1.0).
+
+The adapter samples on the model's `timestep_spacing`, as DDIMSampler and PLMSSampler do
+("uniform" for SD, "trailing" for zero-terminal-SNR models), where the SD 2.x original always
+took "linspace" timesteps from 999: pass `DPMSolverSampler(model, timestep_spacing="linspace")`
+for that grid (diffusers' DPMSolverMultistepScheduler default, which the tests compare against).
+It ends at alphas_cumprod[0] (the original's t = 1/N, diffusers' final_sigmas_type="sigma_min");
+unlike the original it rounds timesteps to integers and, between 10 and 14 steps, ends
+first-order (the original does so below 10 steps only).
 """
 
 from __future__ import annotations
@@ -22,14 +27,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ldm.models.diffusion import schedule
-from ldm.models.diffusion.ddim import (
-    alphas_along,
-    make_ddim_timesteps,
-    original_sample,
-    reject_unsupported,
-    start_noise,
-)
 from ldm.models.diffusion.guidance import EpsFn
+from ldm.models.diffusion.sampler_api import OriginalSampler, reject_unsupported
 
 # diffusers' lower_order_final: with fewer steps than this the last step is first-order.
 LOWER_ORDER_FINAL_BELOW = 15
@@ -69,7 +68,7 @@ def sample_dpmpp_2m(
     disable: bool = False,
 ) -> Tensor:
     """DPM-Solver++(2M) from x at timesteps[0] down `timesteps` to final_alpha (default a[0])."""
-    a, a_next = alphas_along(timesteps, alphas_cumprod, final_alpha)
+    a, a_next = schedule.alphas_along(timesteps, alphas_cumprod, final_alpha)
     n, x0_prev = len(timesteps), None
     for i, t in enumerate(tqdm(timesteps.tolist(), disable=disable)):
         t_batch = x.new_full(x.shape[:1], t, dtype=torch.long)  # (B,)
@@ -85,30 +84,25 @@ def sample_dpmpp_2m(
     return x
 
 
-class DPMSolverSampler:
+class DPMSolverSampler(OriginalSampler):
     """The SD 2.x `DPMSolverSampler` API over `sample_dpmpp_2m` (no math here)."""
 
-    def __init__(self, model, device=None, **kwargs):
+    sample_fn = staticmethod(sample_dpmpp_2m)
+
+    def __init__(self, model, device=None, timestep_spacing: str | None = None, **kwargs):
         reject_unsupported("DPMSolverSampler", **kwargs)
-        self.model = model
+        super().__init__(model, device=device, timestep_spacing=timestep_spacing)
+
+    def make_schedule(
+        self, ddim_num_steps: int, ddim_discretize: str | None = None, ddim_eta: float = 0.0,
+        verbose: bool = True,
+    ) -> None:  # fmt: skip
+        """The base's timesteps; DPM-Solver++ is deterministic, so eta is refused by name."""
+        reject_unsupported("DPMSolverSampler.sample", eta=ddim_eta)
+        super().make_schedule(ddim_num_steps, ddim_discretize, ddim_eta, verbose)
 
     @torch.no_grad()
-    def sample(
-        self, S: int, batch_size: int, shape, conditioning=None, callback=None,
-        img_callback=None, verbose: bool = True, x_T=None,
-        unconditional_guidance_scale: float = 1.0, unconditional_conditioning=None,
-        generator: torch.Generator | None = None, guidance_rescale: float = 0.0, **kwargs,
-    ) -> tuple[Tensor, None]:  # fmt: skip
+    def sample(self, S: int, batch_size: int, shape, conditioning=None, **kwargs):
         """(samples (B, *shape), None), as the original; other options at their defaults only."""
-        reject_unsupported("DPMSolverSampler.sample", **kwargs)
-        timesteps = make_ddim_timesteps(S, self.model.num_timesteps, "linspace")  # (S,)
-        guidance = (
-            conditioning, unconditional_conditioning, unconditional_guidance_scale,
-            guidance_rescale,
-        )  # fmt: skip
-        x = start_noise(x_T, (batch_size, *shape), self.model.device, generator)
-        x, _ = original_sample(
-            sample_dpmpp_2m, self.model, timesteps, x, guidance, callback=callback,
-            img_callback=img_callback, verbose=verbose,
-        )  # fmt: skip
+        x, _ = super().sample(S, batch_size, shape, conditioning, **kwargs)
         return x, None

@@ -1,0 +1,185 @@
+"""What the sampling command lines share: their flags, model loading and prompt reading, the
+device and precision choices, and writing the images.
+
+`txt2img.py` and `img2img.py` import this as `scripts.common` (run as commands they first put
+the repository root on sys.path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_lightning import seed_everything
+from torchvision.utils import make_grid
+
+from ldm import inference
+from ldm.checkpoint import UNSAFE_PICKLE_FLAG, run_files
+from ldm.modules.acceleration import compile_forward
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DEVICES = ("cuda", "cpu", "mps")
+DEFAULT_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
+
+
+def add_common_args(parser: argparse.ArgumentParser, outdir: str, n_samples: int, n_iter: int):
+    """The flags txt2img.py and img2img.py share, with the original defaults."""
+    add = parser.add_argument
+    add("--prompt", default="a painting of a virus monster playing guitar", help="what to draw")
+    add("--outdir", default=outdir, help="dir to write results to")
+    add("--skip_grid", action="store_true", help="do not save a grid, only single images")
+    add("--skip_save", action="store_true", help="do not save single images, only the grid")
+    add("--ddim_steps", type=int, default=50, help="number of sampling steps")
+    add("--ddim_eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    add("--n_iter", type=int, default=n_iter, help="sample this often")
+    add("--n_samples", type=int, default=n_samples, help="batch size: images per prompt batch")
+    add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    add("--guidance_rescale", type=float, default=0.0,
+        help="guidance rescale phi of Lin et al. (0.7 for zero-SNR models; 0: off)")  # fmt: skip
+    add("--from-file", dest="from_file", help="a text file of prompts, one per line, batched")
+    add("--config", nargs="+", help="model config (default: the log dir's, else v1-inference.yaml)")
+    add("--ckpt", default="models/ldm/stable-diffusion-v1/model.ckpt",
+        help="checkpoint (.ckpt / .safetensors) or a main.py log dir")  # fmt: skip
+    add("--seed", type=int, default=42, help="seed for reproducible sampling")
+    add("--precision", choices=["full", "autocast"], default="autocast",
+        help="autocast: fp16 on GPUs, bf16 on the CPU; full: fp32")  # fmt: skip
+    add("--device", choices=DEVICES, help="default: cuda, else mps, else cpu")
+    add("--use_ema", action=argparse.BooleanOptionalAction, default=True,
+        help="sample with the EMA weights when the checkpoint has them")  # fmt: skip
+    add("--compile", action="store_true",
+        help="torch.compile the UNet (worth it for many batches; falls back to eager)")  # fmt: skip
+    add(UNSAFE_PICKLE_FLAG, action="store_true",
+        help="unpickle objects in a .ckpt (runs their code: only for files you trust)")  # fmt: skip
+
+
+def setup(opt, script: str):
+    """(model, device, prompt batches) for the options; bad options exit naming them."""
+    try:
+        batches = read_prompts(opt.prompt, opt.from_file, opt.n_samples)
+        config = opt.config
+        if config is None and not run_files(opt.ckpt)[0]:
+            config = [DEFAULT_CONFIG]  # not a main.py run: an original SD v1 file, as the original
+        device = choose_device(opt.device)
+        model, _ = inference.load_model(
+            opt.ckpt, config, use_ema=opt.use_ema, device=device, unsafe_pickle=opt.unsafe_pickle
+        )
+        prepare_for_precision(model, opt.precision, device)
+        if opt.compile:
+            compile_forward(model.model.diffusion_model, "the UNet")
+    except (ValueError, OSError, RuntimeError) as err:
+        sys.exit(f"{script}: {err}")
+    seed_everything(opt.seed, verbose=False)
+    return model, device, batches
+
+
+def conditionings(model, prompts: list[str], scale: float):
+    """(cond, uncond or None) for a batch of prompts; the empty prompt is the unconditional."""
+    uncond = model.get_learned_conditioning(len(prompts) * [""]) if scale != 1.0 else None
+    return model.get_learned_conditioning(prompts), uncond
+
+
+def save(opt, images: list[torch.Tensor]) -> None:
+    """Single images and the grid of all of them, as the options say."""
+    outdir = Path(opt.outdir)
+    everything = torch.cat(images)
+    if not opt.skip_save:
+        save_samples(everything, outdir / "samples")
+    if not opt.skip_grid:
+        n_rows = opt.n_rows or opt.n_samples
+        print(f"grid: {save_grid(everything, outdir, n_rows)}")
+    print(f"samples: {outdir / 'samples'}")
+
+
+def choose_device(name: str | None = None) -> torch.device:
+    """The named device, or the best available: cuda, then mps, then cpu."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    if name not in DEVICES:
+        raise ValueError(f"--device {name!r}: expected one of {DEVICES}")
+    available = {"cuda": torch.cuda.is_available, "cpu": lambda: True}
+    if not available.get(name, lambda: torch.backends.mps.is_available())():
+        raise ValueError(f"--device {name}: not available on this machine")
+    return torch.device(name)
+
+
+def precision_scope(precision: str, device: torch.device):
+    """ "autocast": fp16 autocast on CUDA / MPS, bf16 on the CPU; "full": plain fp32."""
+    if precision == "full":
+        return contextlib.nullcontext()
+    if precision != "autocast":
+        raise ValueError(f"--precision {precision!r}: expected 'autocast' or 'full'")
+    return torch.autocast(device.type, dtype=autocast_dtype(device))
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on the CPU (fp16 is slow there), fp16 on CUDA and MPS, as `--precision autocast`."""
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+def prepare_for_precision(model, precision: str, device: torch.device) -> None:
+    """With autocast, hold the UNet's weights in its dtype once: autocast would otherwise cast
+    every weight on every sampling step (most of a CPU step for SD, bench/README.md)."""
+    if precision == "autocast":
+        model.model.to(autocast_dtype(device))
+
+
+def latent_factor(model) -> int:
+    """How many pixels one latent spans per side: 2 ** (levels - 1) of the first stage."""
+    return 2 ** (len(model.first_stage_model.encoder.down) - 1)
+
+
+def read_prompts(prompt: str, from_file: str | None, batch_size: int) -> list[list[str]]:
+    """Batches of prompts: `prompt` repeated batch_size times, or a file's lines in chunks."""
+    if from_file is None:
+        return [[prompt] * batch_size]
+    path = Path(from_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--from-file {from_file}: no such file")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"--from-file {from_file}: no prompts in it (one per line)")
+    return [lines[i : i + batch_size] for i in range(0, len(lines), batch_size)]
+
+
+def next_index(directory: Path, pattern: str) -> int:
+    """One past the files already in `directory` matching `pattern`: outputs never overwrite."""
+    return len(list(directory.glob(pattern)))
+
+
+def to_pil(images: torch.Tensor) -> Iterator[Image.Image]:
+    """PIL images from (B, 3, H, W) in [-1, 1]."""
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    for array in pixels.permute(0, 2, 3, 1).cpu().numpy():
+        yield Image.fromarray(np.ascontiguousarray(array))
+
+
+def save_samples(images: torch.Tensor, directory: Path) -> list[Path]:
+    """Each image as `directory/NNNNN.png`, numbered after those already there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    start = next_index(directory, "[0-9][0-9][0-9][0-9][0-9].png")
+    paths = []
+    for i, image in enumerate(to_pil(images)):
+        paths.append(directory / f"{start + i:05}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def save_grid(images: torch.Tensor, outdir: Path, n_rows: int) -> Path:
+    """All images as one `outdir/grid-NNNN.png`, `n_rows` images per row, black between."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    unit = (images.float().cpu().clamp(-1, 1) + 1) / 2
+    grid = make_grid(unit, nrow=n_rows, padding=2)  # (3, H', W') in [0, 1]
+    path = outdir / f"grid-{next_index(outdir, 'grid-*.png'):04}.png"
+    next(to_pil(grid[None] * 2 - 1)).save(path)
+    return path
