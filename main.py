@@ -42,9 +42,14 @@ logger = logging.getLogger("main")
 
 # Command-line flags that set a Trainer argument of the same name when given.
 TRAINER_FLAGS = (
-    "accelerator", "devices", "precision", "max_steps", "accumulate_grad_batches",
-    "num_nodes", "strategy",
-)  # fmt: skip
+    "accelerator",
+    "devices",
+    "precision",
+    "max_steps",
+    "accumulate_grad_batches",
+    "num_nodes",
+    "strategy",
+)
 DEFAULT_SEED = 23
 RUN_TIMESTAMP_ENV = "LDM_RUN_TIMESTAMP"
 KEEP_CHECKPOINTS = 3  # step checkpoints kept by default (and best ones, with a monitor)
@@ -112,7 +117,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--num_nodes", type=int)
     add("--strategy", help="e.g. ddp, ddp_find_unused_parameters_true, fsdp")
     add("--compile", action="store_true", help="torch.compile the UNet (model.params.compile)")
-    return parser  # fmt: skip
+    return parser
 
 
 def resolve_resume(resume: str) -> tuple[str, str]:
@@ -170,8 +175,10 @@ def run_seed(flag: int | None, config: DictConfig, resuming: bool) -> int:
     config, so that `-r` takes it back. On resume an `-s` that differs from it is refused."""
     saved = None if config.get("seed") is None else int(config.seed)
     if resuming and saved is None:
-        logger.warning("the run's configs record no seed (an older run): taking %s",
-                       DEFAULT_SEED if flag is None else flag)  # fmt: skip
+        logger.warning(
+            "the run's configs record no seed (an older run): taking %s",
+            DEFAULT_SEED if flag is None else flag,
+        )
     elif resuming and flag is not None and flag != saved:
         raise ConfigError(
             f"-s {flag}: this run was started with seed {saved} (in its configs/); resume "
@@ -210,9 +217,11 @@ def set_learning_rate(model, config: DictConfig, kwargs: dict, scale: bool) -> N
     n *= kwargs.get("num_nodes", 1) * batch_size
     model.learning_rate = n * base_lr if scale else base_lr
     logger.info(
-        "learning rate %.2e = %s%.2e (base)", model.learning_rate,
-        f"{n} (accumulate × devices × nodes × batch) × " if scale else "", base_lr,
-    )  # fmt: skip
+        "learning rate %.2e = %s%.2e (base)",
+        model.learning_rate,
+        f"{n} (accumulate × devices × nodes × batch) × " if scale else "",
+        base_lr,
+    )
 
 
 def checkpoint_callbacks(ckptdir: str, monitor, config: DictConfig, lightning_config) -> list:
@@ -224,15 +233,24 @@ def checkpoint_callbacks(ckptdir: str, monitor, config: DictConfig, lightning_co
     params = OmegaConf.to_container(lightning_config.get("modelcheckpoint", {}).get("params", {}))
     keep = params.get("save_top_k", KEEP_CHECKPOINTS)
     steps = {
-        "dirpath": ckptdir, "filename": "{epoch:06}-{step:09}", "save_last": True,
-        "every_n_train_steps": None, "monitor": "step", "mode": "max", "save_top_k": keep,
-    }  # fmt: skip
+        "dirpath": ckptdir,
+        "filename": "{epoch:06}-{step:09}",
+        "save_last": True,
+        "every_n_train_steps": None,
+        "monitor": "step",
+        "mode": "max",
+        "save_top_k": keep,
+    }
     callbacks = [ModelCheckpoint(**{**steps, **params})]
     if monitor and keep != 0 and "validation" in config.get("data", {}).get("params", {}):
         best = ModelCheckpoint(
-            dirpath=ckptdir, filename="best-{epoch:06}-{step:09}", monitor=monitor, mode="min",
-            save_top_k=keep, save_last=False,
-        )  # fmt: skip
+            dirpath=ckptdir,
+            filename="best-{epoch:06}-{step:09}",
+            monitor=monitor,
+            mode="min",
+            save_top_k=keep,
+            save_last=False,
+        )
         callbacks.append(best)
     return callbacks
 

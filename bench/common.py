@@ -60,9 +60,11 @@ def environment() -> dict:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {
-        "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "threads": torch.get_num_threads(), "device": device,
-    }  # fmt: skip
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
 
 
 def ms(seconds: float) -> float:

@@ -69,31 +69,60 @@ def final_train_loss(trainer, last: int = 10) -> float:
 
 def run_recipe(name: str, opt) -> dict:
     start = time.time()
-    trainer = train.main([
-        "--base", str(ROOT / "configs" / "tiny" / "txt2img.yaml"), "-t", "-n", f"recipe-{name}",
-        "--no-test", "-l", opt.logdir, "-s", str(opt.seed), "--max_steps", str(opt.steps),
-        f"{P}first_stage_config.params.ckpt_path={opt.ae_ckpt}", *RECIPES[name],
-    ])  # fmt: skip
+    trainer = train.main(
+        [
+            "--base",
+            str(ROOT / "configs" / "tiny" / "txt2img.yaml"),
+            "-t",
+            "-n",
+            f"recipe-{name}",
+            "--no-test",
+            "-l",
+            opt.logdir,
+            "-s",
+            str(opt.seed),
+            "--max_steps",
+            str(opt.steps),
+            f"{P}first_stage_config.params.ckpt_path={opt.ae_ckpt}",
+            *RECIPES[name],
+        ]
+    )
     minutes = (time.time() - start) / 60
     logdir = Path(trainer.default_root_dir)
-    result = {"recipe": name, "steps": opt.steps, "train_minutes": round(minutes, 1),
-              "final_loss_simple": round(final_train_loss(trainer), 4)}  # fmt: skip
+    result = {
+        "recipe": name,
+        "steps": opt.steps,
+        "train_minutes": round(minutes, 1),
+        "final_loss_simple": round(final_train_loss(trainer), 4),
+    }
     for eta in (0.0, 1.0):
-        scores = evaluate.main([
-            "--logdir", str(logdir), "--outdir", str(logdir / f"evaluate-eta{eta:g}"),
-            "--eta", str(eta), "--n_per_prompt", str(opt.n_per_prompt),
-        ])  # fmt: skip
+        scores = evaluate.main(
+            [
+                "--logdir",
+                str(logdir),
+                "--outdir",
+                str(logdir / f"evaluate-eta{eta:g}"),
+                "--eta",
+                str(eta),
+                "--n_per_prompt",
+                str(opt.n_per_prompt),
+            ]
+        )
         result[f"eta{eta:g}"] = {k: round(scores[k], 3) for k in ("color", "shape", "background")}
     return result
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| recipe | loss_simple | minutes | colour / shape / background, eta 0 | eta 1 |",
-            "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = [
+        "| recipe | loss_simple | minutes | colour / shape / background, eta 0 | eta 1 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         cells = [" / ".join(f"{100 * v:.0f} %" for v in r[k].values()) for k in ("eta0", "eta1")]
-        rows.append(f"| {r['recipe']} | {r['final_loss_simple']} | {r['train_minutes']} | "
-                    f"{cells[0]} | {cells[1]} |")  # fmt: skip
+        rows.append(
+            f"| {r['recipe']} | {r['final_loss_simple']} | {r['train_minutes']} | "
+            f"{cells[0]} | {cells[1]} |"
+        )
     return "\n".join(rows)
 
 

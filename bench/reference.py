@@ -66,7 +66,11 @@ def diffusers_ddim(model) -> DDIMScheduler:
     """The DDIM scheduler of a LatentDiffusion model's schedule and parameterisation."""
     prediction = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[model.parameterization]
     return DDIMScheduler(
-        num_train_timesteps=model.num_timesteps, trained_betas=model.betas.double().numpy(),
-        prediction_type=prediction, clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1, timestep_spacing="leading",
-    )  # fmt: skip
+        num_train_timesteps=model.num_timesteps,
+        trained_betas=model.betas.double().numpy(),
+        prediction_type=prediction,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )

@@ -111,11 +111,17 @@ def main(argv: list[str] | None = None) -> dict:
                 total = time.perf_counter() - start
             outside[name] = round(1 - timer.total / total, 4)
     record = {
-        "bench": "sampling", "config": opt.config, "steps": opt.steps, "batch": opt.batch,
-        "latent": size, **compared(times["ours"], times["diffusers"]),
-        "outside_unet_ours": outside["ours"], "outside_unet_diffusers": outside["diffusers"],
-        "max_abs_difference": difference, **environment(),
-    }  # fmt: skip
+        "bench": "sampling",
+        "config": opt.config,
+        "steps": opt.steps,
+        "batch": opt.batch,
+        "latent": size,
+        **compared(times["ours"], times["diffusers"]),
+        "outside_unet_ours": outside["ours"],
+        "outside_unet_diffusers": outside["diffusers"],
+        "max_abs_difference": difference,
+        **environment(),
+    }
     emit(record)
     return record
 

@@ -115,10 +115,23 @@ def worker(opt) -> dict:
 
 def run_worker(opt, implementation: str, case: str, checkpointing: str) -> dict:
     command = [
-        sys.executable, "-m", "bench.train_step", "--worker", implementation, "--case", case,
-        "--checkpointing", checkpointing, "--repeats", str(opt.repeats), "--dtype", opt.dtype,
-        "--device", opt.device, *(["--same_optimizer"] if opt.same_optimizer else []),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "bench.train_step",
+        "--worker",
+        implementation,
+        "--case",
+        case,
+        "--checkpointing",
+        checkpointing,
+        "--repeats",
+        str(opt.repeats),
+        "--dtype",
+        opt.dtype,
+        "--device",
+        opt.device,
+        *(["--same_optimizer"] if opt.same_optimizer else []),
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{implementation} {case} worker failed:\n{result.stderr[-3000:]}")
@@ -136,16 +149,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for case in opt.cases.split(","):
         for checkpointing in opt.checkpointing.split(","):
             ours, theirs = (run_worker(opt, i, case, checkpointing) for i in ("ours", "diffusers"))
-            results.append(emit({
-                "case": case, "batch": CASES[case][1], "latent": CASES[case][2],
-                "checkpointing": checkpointing == "1",
-                **compared(ours["step_s"], theirs["step_s"]),
-                "ours_peak_mb": round(ours["peak_mb"]),
-                "diffusers_peak_mb": round(theirs["peak_mb"]),
-                "memory_ratio": round(ours["peak_mb"] / theirs["peak_mb"], 3),
-                "ours_added_mb": round(ours["added_mb"]),
-                "diffusers_added_mb": round(theirs["added_mb"]),
-            }))  # fmt: skip
+            results.append(
+                emit(
+                    {
+                        "case": case,
+                        "batch": CASES[case][1],
+                        "latent": CASES[case][2],
+                        "checkpointing": checkpointing == "1",
+                        **compared(ours["step_s"], theirs["step_s"]),
+                        "ours_peak_mb": round(ours["peak_mb"]),
+                        "diffusers_peak_mb": round(theirs["peak_mb"]),
+                        "memory_ratio": round(ours["peak_mb"] / theirs["peak_mb"], 3),
+                        "ours_added_mb": round(ours["added_mb"]),
+                        "diffusers_added_mb": round(theirs["added_mb"]),
+                    }
+                )
+            )
     return results
 
 

@@ -82,11 +82,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "diffusers": forward_fn(theirs, False, x, t, context, dtype),
                 }
                 times = interleaved(cases, opt.repeats, device=device)
-                results.append(emit({
-                    "dtype": dtype_name, "batch": batch, "latent": size,
-                    **compared(times["ours"], times["diffusers"]),
-                    "compile": opt.compile, "channels_last": opt.channels_last,
-                }))  # fmt: skip
+                results.append(
+                    emit(
+                        {
+                            "dtype": dtype_name,
+                            "batch": batch,
+                            "latent": size,
+                            **compared(times["ours"], times["diffusers"]),
+                            "compile": opt.compile,
+                            "channels_last": opt.channels_last,
+                        }
+                    )
+                )
     return results
 
 

@@ -67,10 +67,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for direction, fns in directions.items():
             cases = {name: timed(fn, dtype, device) for name, fn in fns.items()}
             times = interleaved(cases, opt.repeats, device=device)
-            results.append(emit({
-                "dtype": dtype_name, "direction": direction, "batch": opt.batch,
-                **compared(times["ours"], times["diffusers"]),
-            }))  # fmt: skip
+            results.append(
+                emit(
+                    {
+                        "dtype": dtype_name,
+                        "direction": direction,
+                        "batch": opt.batch,
+                        **compared(times["ours"], times["diffusers"]),
+                    }
+                )
+            )
     return results
 
 

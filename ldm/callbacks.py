@@ -142,14 +142,17 @@ class RNGStateCallback(pl.Callback):
         else:
             logger.warning(
                 "the checkpoint holds the RNG states of %d ranks: rank %d keeps a fresh stream "
-                "(seeded from the seed and its rank), so this resume is not exact", len(ranks),
+                "(seeded from the seed and its rank), so this resume is not exact",
+                len(ranks),
                 self.rank,
-            )  # fmt: skip
+            )
         if len(ranks) != self.world_size and self.rank == 0:
             logger.warning(
                 "resuming %d ranks from a checkpoint of %d: the data is split differently "
-                "and the resume is not exact", self.world_size, len(ranks),
-            )  # fmt: skip
+                "and the resume is not exact",
+                self.world_size,
+                len(ranks),
+            )
 
 
 def parameters_are_finite(module: torch.nn.Module) -> bool:
@@ -232,8 +235,9 @@ class SkippedImagesReport(pl.Callback):
         if self.count:
             logger.warning(
                 "epoch %d: %d unreadable images were skipped (see the warnings naming them)",
-                trainer.current_epoch, self.count,
-            )  # fmt: skip
+                trainer.current_epoch,
+                self.count,
+            )
         self.count = 0
 
 
@@ -251,9 +255,12 @@ class ImageLogger(pl.Callback):
     """
 
     def __init__(
-        self, batch_frequency: int, max_images: int = 8, log_first_step: bool = False,
+        self,
+        batch_frequency: int,
+        max_images: int = 8,
+        log_first_step: bool = False,
         log_images_kwargs: dict | None = None,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.batch_frequency, self.max_images = batch_frequency, max_images
         self.log_first_step = log_first_step

@@ -185,9 +185,12 @@ def fitting_state_dict(
 
 
 def load_strictly(
-    module: nn.Module, state_dict: Mapping, name: str, optional: Iterable[str] = (),
+    module: nn.Module,
+    state_dict: Mapping,
+    name: str,
+    optional: Iterable[str] = (),
     expected_layout: str = "",
-) -> set[str]:  # fmt: skip
+) -> set[str]:
     """Load `state_dict` into `module`; returns the keys loaded.
 
     Every key of the module must come from `state_dict`, except those starting with one of the

@@ -42,22 +42,43 @@ def add_common_args(parser: argparse.ArgumentParser, outdir: str, n_samples: int
     add("--n_samples", type=int, default=n_samples, help="batch size: images per prompt batch")
     add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     add("--scale", type=float, default=7.5, help="classifier-free guidance scale")
-    add("--guidance_rescale", type=float, default=0.0,
-        help="guidance rescale phi of Lin et al. (0.7 for zero-SNR models; 0: off)")  # fmt: skip
+    add(
+        "--guidance_rescale",
+        type=float,
+        default=0.0,
+        help="guidance rescale phi of Lin et al. (0.7 for zero-SNR models; 0: off)",
+    )
     add("--from-file", dest="from_file", help="a text file of prompts, one per line, batched")
     add("--config", nargs="+", help="model config (default: the log dir's, else v1-inference.yaml)")
-    add("--ckpt", default="models/ldm/stable-diffusion-v1/model.ckpt",
-        help="checkpoint (.ckpt / .safetensors) or a main.py log dir")  # fmt: skip
+    add(
+        "--ckpt",
+        default="models/ldm/stable-diffusion-v1/model.ckpt",
+        help="checkpoint (.ckpt / .safetensors) or a main.py log dir",
+    )
     add("--seed", type=int, default=42, help="seed for reproducible sampling")
-    add("--precision", choices=["full", "autocast"], default="autocast",
-        help="autocast: fp16 on GPUs, bf16 on the CPU; full: fp32")  # fmt: skip
+    add(
+        "--precision",
+        choices=["full", "autocast"],
+        default="autocast",
+        help="autocast: fp16 on GPUs, bf16 on the CPU; full: fp32",
+    )
     add("--device", choices=DEVICES, help="default: cuda, else mps, else cpu")
-    add("--use_ema", action=argparse.BooleanOptionalAction, default=True,
-        help="sample with the EMA weights when the checkpoint has them")  # fmt: skip
-    add("--compile", action="store_true",
-        help="torch.compile the UNet (worth it for many batches; falls back to eager)")  # fmt: skip
-    add(UNSAFE_PICKLE_FLAG, action="store_true",
-        help="unpickle objects in a .ckpt (runs their code: only for files you trust)")  # fmt: skip
+    add(
+        "--use_ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sample with the EMA weights when the checkpoint has them",
+    )
+    add(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet (worth it for many batches; falls back to eager)",
+    )
+    add(
+        UNSAFE_PICKLE_FLAG,
+        action="store_true",
+        help="unpickle objects in a .ckpt (runs their code: only for files you trust)",
+    )
 
 
 def setup(opt, script: str):
@@ -78,6 +99,16 @@ def setup(opt, script: str):
         sys.exit(f"{script}: {err}")
     seed_everything(opt.seed, verbose=False)
     return model, device, batches
+
+
+def sampling_options(opt) -> dict:
+    """The sampling flags txt2img.py and img2img.py share, as `sampling` keyword arguments."""
+    return {
+        "steps": opt.ddim_steps,
+        "guidance_scale": opt.scale,
+        "guidance_rescale": opt.guidance_rescale,
+        "eta": opt.ddim_eta,
+    }
 
 
 def conditionings(model, prompts: list[str], scale: float):

@@ -51,8 +51,11 @@ def get_parser() -> argparse.ArgumentParser:
     add("--use_ema", action="store_true", help="put the EMA weights in place of the raw ones")
     add("--drop_ema", action="store_true", help="leave out the model_ema.* copy")
     add("--half", action="store_true", help="store the weights as fp16 (the schedule stays fp32)")
-    add(UNSAFE_PICKLE_FLAG, action="store_true",
-        help="unpickle objects in a .ckpt (runs their code: only for files you trust)")  # fmt: skip
+    add(
+        UNSAFE_PICKLE_FLAG,
+        action="store_true",
+        help="unpickle objects in a .ckpt (runs their code: only for files you trust)",
+    )
     return parser
 
 
@@ -100,11 +103,14 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"convert.py: {err}")
     save_checkpoint(state_dict, out)
     summary = {
-        "out": str(out), "from": str(ckpt), "tensors": len(state_dict),
+        "out": str(out),
+        "from": str(ckpt),
+        "tensors": len(state_dict),
         "ema": "swapped in" if opt.use_ema else "dropped" if opt.drop_ema else "kept as is",
-        "dtype": "fp16 weights" if opt.half else "as trained", "checked": [str(c) for c in configs],
+        "dtype": "fp16 weights" if opt.half else "as trained",
+        "checked": [str(c) for c in configs],
         "megabytes": round(out.stat().st_size / 2**20, 1),
-    }  # fmt: skip
+    }
     print(json.dumps(summary))
     return summary
 

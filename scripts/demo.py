@@ -38,10 +38,23 @@ def get_parser() -> argparse.ArgumentParser:
 
 def run(config: str, name: str, steps: int, opt, *overrides: str) -> Path:
     """Train one stage with main.py and return its log dir."""
-    trainer = train.main([
-        "--base", str(ROOT / "configs" / "tiny" / config), "-t", "-n", name, "--no-test",
-        "-l", opt.logdir, "-s", str(opt.seed), "--max_steps", str(steps), *overrides,
-    ])  # fmt: skip
+    trainer = train.main(
+        [
+            "--base",
+            str(ROOT / "configs" / "tiny" / config),
+            "-t",
+            "-n",
+            name,
+            "--no-test",
+            "-l",
+            opt.logdir,
+            "-s",
+            str(opt.seed),
+            "--max_steps",
+            str(steps),
+            *overrides,
+        ]
+    )
     return Path(trainer.default_root_dir)
 
 
@@ -52,20 +65,32 @@ def main(argv: list[str] | None = None) -> dict:
     ae_ckpt = last_checkpoint(ae_dir)
     ae_minutes = (time.time() - start) / 60
     ldm_dir = run(
-        "txt2img.yaml", "demo-txt2img", opt.ldm_steps, opt,
+        "txt2img.yaml",
+        "demo-txt2img",
+        opt.ldm_steps,
+        opt,
         f"model.params.first_stage_config.params.ckpt_path={ae_ckpt}",
-    )  # fmt: skip
+    )
     train_minutes = (time.time() - start) / 60
     with torch.no_grad():
-        scores = evaluate.main([
-            "--logdir", str(ldm_dir), "--outdir", opt.outdir, "--steps", str(opt.eval_steps),
-            "--n_per_prompt", str(opt.n_per_prompt),
-        ])  # fmt: skip
+        scores = evaluate.main(
+            [
+                "--logdir",
+                str(ldm_dir),
+                "--outdir",
+                opt.outdir,
+                "--steps",
+                str(opt.eval_steps),
+                "--n_per_prompt",
+                str(opt.n_per_prompt),
+            ]
+        )
     result = {
-        **scores, "autoencoder_minutes": round(ae_minutes, 1),
+        **scores,
+        "autoencoder_minutes": round(ae_minutes, 1),
         "training_minutes": round(train_minutes, 1),
         "total_minutes": round((time.time() - start) / 60, 1),
-    }  # fmt: skip
+    }
     Path(opt.outdir, "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"samples: {Path(opt.outdir) / 'samples.png'}")
     print(json.dumps(result))

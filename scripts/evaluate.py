@@ -5,7 +5,7 @@
     python scripts/evaluate.py --logdir logs/<run> --curve     # every saved checkpoint
 
 Each (colour, shape) pair of the data set is prompted `n_per_prompt` times on a random other
-background; the judge (`ldm.evaluation.judge`) reads colour, shape and background off each
+background; the judge (`ldm.data.shapes_judge.judge`) reads colour, shape and background off each
 image. The grid of generated images is saved under --outdir with its captions.
 """
 
@@ -31,8 +31,9 @@ from ldm.checkpoint import (  # noqa: E402
     run_files,
     saved_configs,
 )
+from ldm.data.shapes_judge import accuracy, judge, prompt_grid, to_uint8  # noqa: E402
 from ldm.data.synthetic import SyntheticShapes  # noqa: E402
-from ldm.evaluation import accuracy, generate, judge, prompt_grid, to_uint8  # noqa: E402
+from ldm.models.diffusion import sampling  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 
@@ -44,20 +45,46 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale")
     parser.add_argument(
-        "--eta", type=float, default=1.0,
+        "--eta",
+        type=float,
+        default=1.0,
         help="DDIM eta: 1 adds DDPM's posterior noise each step (scores best here), 0 none",
-    )  # fmt: skip
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--outdir", default="outputs/evaluate")
     parser.add_argument(
-        "--curve", action="store_true",
+        "--curve",
+        action="store_true",
         help="score every step checkpoint of the run: accuracy against training minutes",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        UNSAFE_PICKLE_FLAG, action="store_true",
+        UNSAFE_PICKLE_FLAG,
+        action="store_true",
         help="unpickle objects in a .ckpt (runs their code: only for files you trust)",
-    )  # fmt: skip
+    )
     return parser
+
+
+@torch.no_grad()
+def generate(
+    model, captions: list[str], steps: int, scale: float, seed: int, eta: float = 0.0
+) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] for `captions`, from EMA weights, DDIM with guidance."""
+    generator = torch.Generator(model.device).manual_seed(seed)
+    with model.ema_scope():
+        cond = model.get_learned_conditioning(captions)
+        uncond = model.get_learned_conditioning([""] * len(captions))
+        latents = sampling.sample(
+            model,
+            cond,
+            uncond,
+            steps=steps,
+            guidance_scale=scale,
+            eta=eta,
+            batch_size=len(captions),
+            generator=generator,
+        )
+        return model.decode_first_stage(latents)
 
 
 def evaluate(model, data: SyntheticShapes, opt):
@@ -86,9 +113,14 @@ def score_checkpoint(opt, ckpt: Path | None, outdir: Path) -> dict:
     Image.fromarray(to_uint8_grid(images, nrow=opt.n_per_prompt)).save(outdir / "samples.png")
     (outdir / "captions.txt").write_text("\n".join(captions) + "\n")
     return {
-        **scores, "n_images": len(captions), "steps": opt.steps, "scale": opt.scale, "eta": opt.eta,
-        "seconds": round(time.time() - start, 1), "logdir": str(opt.logdir),
-    }  # fmt: skip
+        **scores,
+        "n_images": len(captions),
+        "steps": opt.steps,
+        "scale": opt.scale,
+        "eta": opt.eta,
+        "seconds": round(time.time() - start, 1),
+        "logdir": str(opt.logdir),
+    }
 
 
 def training_curve(opt) -> list[dict]:

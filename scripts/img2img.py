@@ -27,6 +27,7 @@ from scripts.common import (  # noqa: E402
     conditionings,
     latent_factor,
     precision_scope,
+    sampling_options,
     save,
     setup,
 )
@@ -38,8 +39,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.set_defaults(scale=5.0)
     add = parser.add_argument
     add("--init-img", dest="init_img", required=True, help="path to the input image")
-    add("--strength", type=float, default=0.75,
-        help="noise added to the input: 0 keeps it, 1 replaces it entirely")  # fmt: skip
+    add(
+        "--strength",
+        type=float,
+        default=0.75,
+        help="noise added to the input: 0 keeps it, 1 replaces it entirely",
+    )
     return parser
 
 
@@ -74,10 +79,13 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
             for prompts in batches:
                 cond, uncond = conditionings(model, prompts, opt.scale)
                 latents = sampling.img2img(
-                    model, z0.expand(len(prompts), -1, -1, -1), cond, uncond,
-                    strength=opt.strength, steps=opt.ddim_steps, guidance_scale=opt.scale,
-                    guidance_rescale=opt.guidance_rescale, eta=opt.ddim_eta,
-                )  # fmt: skip
+                    model,
+                    z0.expand(len(prompts), -1, -1, -1),
+                    cond,
+                    uncond,
+                    strength=opt.strength,
+                    **sampling_options(opt),
+                )
                 images.append(model.decode_first_stage(latents).float().clamp(-1, 1))
     save(opt, images)
     return images

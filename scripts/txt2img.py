@@ -27,6 +27,7 @@ from scripts.common import (  # noqa: E402
     conditionings,
     latent_factor,
     precision_scope,
+    sampling_options,
     save,
     setup,
 )
@@ -75,11 +76,16 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
                 cond, uncond = conditionings(model, prompts, opt.scale)
                 x_T = None if start_code is None else start_code[: len(prompts)]
                 latents = sampling.sample(
-                    model, cond, uncond, sampler=opt.sampler, steps=opt.ddim_steps,
-                    guidance_scale=opt.scale, guidance_rescale=opt.guidance_rescale,
-                    eta=opt.ddim_eta, x_T=x_T, batch_size=len(prompts), shape=shape,
+                    model,
+                    cond,
+                    uncond,
+                    sampler=opt.sampler,
+                    **sampling_options(opt),
+                    x_T=x_T,
+                    batch_size=len(prompts),
+                    shape=shape,
                     disable=False,
-                )  # fmt: skip
+                )
                 images.append(model.decode_first_stage(latents).float().clamp(-1, 1))
     save(opt, images)
     return images

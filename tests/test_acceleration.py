@@ -84,11 +84,22 @@ def test_a_failing_compile_runs_eagerly(monkeypatch, caplog):
 def test_main_compile_flag_sets_the_model_option(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(acceleration, "compile_unavailable", lambda: "checked by the test")
     with caplog.at_level(logging.WARNING):
-        trainer = main.main([
-            "--base", str(ROOT / "configs/tiny/txt2img.yaml"), "-t", "--no-test", "--compile",
-            "-l", str(tmp_path), "--max_steps", "1", "data.params.batch_size=2",
-            "data.params.num_workers=0", "lightning.trainer.limit_val_batches=0",
-        ])  # fmt: skip
+        trainer = main.main(
+            [
+                "--base",
+                str(ROOT / "configs/tiny/txt2img.yaml"),
+                "-t",
+                "--no-test",
+                "--compile",
+                "-l",
+                str(tmp_path),
+                "--max_steps",
+                "1",
+                "data.params.batch_size=2",
+                "data.params.num_workers=0",
+                "lightning.trainer.limit_val_batches=0",
+            ]
+        )
     assert trainer.global_step == 1 and "checked by the test" in caplog.text
     (logdir,) = tmp_path.iterdir()
     assert "compile: true" in next(logdir.glob("configs/*-project.yaml")).read_text()

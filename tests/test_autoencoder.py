@@ -52,10 +52,17 @@ params:
 """
 # The first stage of the original configs/stable-diffusion/v1-inference.yaml.
 SD_DDCONFIG = {
-    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
-    "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
     "dropout": 0.0,
-}  # fmt: skip
+}
 # Level attention at 16 px, the lowest resolution of the tiny config.
 LEVEL_ATTN = {"attn_resolutions": [16]}
 
@@ -173,13 +180,26 @@ def test_level_attention_runs_after_each_block_in_the_original_order():
         reconstruction, _ = model(images(1), sample_posterior=False)
     assert reconstruction.shape == (1, 3, 32, 32)
     assert [name for name, _, _ in encoder_calls] == [
-        "down.0.block.0", "down.0.downsample", "down.1.block.0", "down.1.attn.0",
-        "mid.block_1", "mid.attn_1", "mid.block_2",
-    ]  # fmt: skip
+        "down.0.block.0",
+        "down.0.downsample",
+        "down.1.block.0",
+        "down.1.attn.0",
+        "mid.block_1",
+        "mid.attn_1",
+        "mid.block_2",
+    ]
     assert [name for name, _, _ in decoder_calls] == [
-        "mid.block_1", "mid.attn_1", "mid.block_2", "up.1.block.0", "up.1.attn.0",
-        "up.1.block.1", "up.1.attn.1", "up.1.upsample", "up.0.block.0", "up.0.block.1",
-    ]  # fmt: skip
+        "mid.block_1",
+        "mid.attn_1",
+        "mid.block_2",
+        "up.1.block.0",
+        "up.1.attn.0",
+        "up.1.block.1",
+        "up.1.attn.1",
+        "up.1.upsample",
+        "up.0.block.0",
+        "up.0.block.1",
+    ]
     for calls in (encoder_calls, decoder_calls):  # each block reads the previous one's output
         for (_, _, out), (_, nxt, _) in zip(calls, calls[1:], strict=False):
             assert nxt is out
@@ -373,9 +393,14 @@ def test_training_steps_reduce_reconstruction_loss_and_count_one_step_per_batch(
     with torch.no_grad():
         before = model.losses({"image": batch_images}, "val")[2]["val/rec_loss"]
     trainer = pl.Trainer(
-        max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+        max_steps=30,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, loader)
     assert trainer.global_step == 30
     with torch.no_grad():

@@ -11,16 +11,36 @@ from bench import recipes
 
 @pytest.mark.slow
 def test_recipes_train_score_and_tabulate(tmp_path, capsys):
-    main.main([
-        "--base", str(ROOT / "configs" / "tiny" / "autoencoder.yaml"), "-t", "--max_steps", "1",
-        "--no-test", "-l", str(tmp_path / "ae"), "data.params.batch_size=4",
-        "data.params.num_workers=0", "lightning.trainer.limit_val_batches=1",
-    ])  # fmt: skip
+    main.main(
+        [
+            "--base",
+            str(ROOT / "configs" / "tiny" / "autoencoder.yaml"),
+            "-t",
+            "--max_steps",
+            "1",
+            "--no-test",
+            "-l",
+            str(tmp_path / "ae"),
+            "data.params.batch_size=4",
+            "data.params.num_workers=0",
+            "lightning.trainer.limit_val_batches=1",
+        ]
+    )
     (ae_run,) = (tmp_path / "ae").iterdir()
-    results = recipes.main([
-        "--ae_ckpt", str(ae_run / "checkpoints" / "last.ckpt"), "--steps", "2",
-        "--recipes", "sd,all", "--logdir", str(tmp_path / "runs"), "--n_per_prompt", "1",
-    ])  # fmt: skip
+    results = recipes.main(
+        [
+            "--ae_ckpt",
+            str(ae_run / "checkpoints" / "last.ckpt"),
+            "--steps",
+            "2",
+            "--recipes",
+            "sd,all",
+            "--logdir",
+            str(tmp_path / "runs"),
+            "--n_per_prompt",
+            "1",
+        ]
+    )
     assert [r["recipe"] for r in results] == ["sd", "all"]
     for result in results:
         assert result["steps"] == 2 and result["final_loss_simple"] > 0

@@ -80,8 +80,9 @@ def test_cache_is_rebuilt_when_the_model_or_data_change(model, tmp_path):
     assert build(model, dataset, tmp_path, key=new_key) == [0, 1, 2]
     build(model, SyntheticShapes(size=32, length=5, seed=3), tmp_path, key=new_key)
     assert sorted(p.name for p in tmp_path.glob("shard-*")) == [
-        "shard-00000.safetensors", "shard-00001.safetensors",
-    ]  # fmt: skip
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
 
 
 def test_ranks_split_the_shards(model, tmp_path):
@@ -106,10 +107,12 @@ def train_cached(tmp_path, *args: str):
     overrides = [
         f"lightning.callbacks.latent_cache.params.dir={tmp_path / 'cache'}",
         "lightning.callbacks.latent_cache.params.shard_size=16",
-        "data.params.train.params.length=32", "data.params.validation.params.length=8",
-        "data.params.batch_size=4", "data.params.num_workers=0",
+        "data.params.train.params.length=32",
+        "data.params.validation.params.length=8",
+        "data.params.batch_size=4",
+        "data.params.num_workers=0",
         "lightning.trainer.limit_val_batches=1",
-    ]  # fmt: skip
+    ]
     argv = ["--base", *configs, "-l", str(tmp_path / "logs"), "-t", "--no-test", *args]
     return main.main([*argv, *overrides])
 
@@ -156,15 +159,31 @@ def test_streamed_data_cannot_be_cached(tmp_path, monkeypatch):
 def test_two_ddp_processes_build_one_cache(tmp_path):
     cache = tmp_path / "cache"
     command = [
-        sys.executable, str(ROOT / "main.py"), "--base", str(ROOT / "configs/tiny/txt2img.yaml"),
-        str(ROOT / "configs/tiny/cached.yaml"), "-t", "--no-test", "-l", str(tmp_path / "logs"),
-        "--max_steps", "2", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+        sys.executable,
+        str(ROOT / "main.py"),
+        "--base",
+        str(ROOT / "configs/tiny/txt2img.yaml"),
+        str(ROOT / "configs/tiny/cached.yaml"),
+        "-t",
+        "--no-test",
+        "-l",
+        str(tmp_path / "logs"),
+        "--max_steps",
+        "2",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
         f"lightning.callbacks.latent_cache.params.dir={cache}",
         "lightning.callbacks.latent_cache.params.shard_size=8",
-        "data.params.train.params.length=32", "data.params.validation.params.length=8",
-        "data.params.batch_size=4", "data.params.num_workers=0",
+        "data.params.train.params.length=32",
+        "data.params.validation.params.length=8",
+        "data.params.batch_size=4",
+        "data.params.num_workers=0",
         "lightning.trainer.limit_val_batches=1",
-    ]  # fmt: skip
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -13,9 +13,10 @@ from omegaconf import OmegaConf
 import main
 
 SMALL = [
-    "data.params.batch_size=4", "data.params.num_workers=0",
+    "data.params.batch_size=4",
+    "data.params.num_workers=0",
     "lightning.modelcheckpoint.params.every_n_train_steps=1",
-]  # fmt: skip
+]
 
 
 def run(tmp_path: Path, *args: str, drop: tuple[str, ...] = ("lightning.modelcheckpoint",)):
@@ -38,8 +39,11 @@ def test_the_last_k_step_checkpoints_are_kept(tmp_path):
     no_val = "lightning.trainer.limit_val_batches=0"
     trainer = run(tmp_path / "a", "-t", "--max_steps", "5", no_val)
     kept = step_checkpoints(trainer)
-    assert [name.split("step=")[1] for name in kept] == ["000000003.ckpt", "000000004.ckpt",
-                                                        "000000005.ckpt"]  # fmt: skip
+    assert [name.split("step=")[1] for name in kept] == [
+        "000000003.ckpt",
+        "000000004.ckpt",
+        "000000005.ckpt",
+    ]
     assert (Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt").is_file()
     k = "lightning.modelcheckpoint.params.save_top_k"
     assert (
@@ -52,10 +56,16 @@ def test_the_last_k_step_checkpoints_are_kept(tmp_path):
 
 def test_monitor_keeps_the_best_k_by_the_validation_metric(tmp_path):
     trainer = run(
-        tmp_path, "-t", "--max_steps", "5", "model.params.monitor=val/loss_simple_ema",
-        "lightning.trainer.val_check_interval=1", "lightning.trainer.limit_val_batches=1",
-        "lightning.modelcheckpoint.params.save_top_k=2", "model.base_learning_rate=1e-3",
-    )  # fmt: skip
+        tmp_path,
+        "-t",
+        "--max_steps",
+        "5",
+        "model.params.monitor=val/loss_simple_ema",
+        "lightning.trainer.val_check_interval=1",
+        "lightning.trainer.limit_val_batches=1",
+        "lightning.modelcheckpoint.params.save_top_k=2",
+        "model.base_learning_rate=1e-3",
+    )
     logdir = Path(trainer.default_root_dir)
     with open(next(logdir.glob("csv/**/metrics.csv"))) as f:
         rows = [r for r in csv.DictReader(f) if r.get("val/loss_simple_ema")]

@@ -54,11 +54,21 @@ def test_pixel_ddpm_config_learns_and_samples():
 
 @pytest.mark.slow
 def test_pixel_ddpm_trains_through_main(tmp_path):
-    trainer = main.main([
-        "--base", str(ROOT / "configs" / "ddpm" / "shapes.yaml"), "-t", "--max_steps", "2",
-        "--no-test", "-l", str(tmp_path), "data.params.batch_size=4", "data.params.num_workers=0",
-        "lightning.trainer.limit_val_batches=1",
-    ])  # fmt: skip
+    trainer = main.main(
+        [
+            "--base",
+            str(ROOT / "configs" / "ddpm" / "shapes.yaml"),
+            "-t",
+            "--max_steps",
+            "2",
+            "--no-test",
+            "-l",
+            str(tmp_path),
+            "data.params.batch_size=4",
+            "data.params.num_workers=0",
+            "lightning.trainer.limit_val_batches=1",
+        ]
+    )
     assert trainer.global_step == 2
     (logdir,) = tmp_path.iterdir()
     assert (logdir / "checkpoints" / "last.ckpt").is_file()

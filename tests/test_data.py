@@ -416,9 +416,13 @@ def test_datamodule_shuffles_map_style_but_never_iterable_data(tmp_path):
     root = str(write_shards(tmp_path / "s"))
     shards = {"target": "ldm.data.shards.WebDatasetShards", "params": {"urls": root, "size": 8}}
     data = DataModuleFromConfig(
-        batch_size=2, train=shards, validation=shapes_config(4), test=shapes_config(4),
-        num_workers=0, shuffle_val_dataloader=True,
-    )  # fmt: skip
+        batch_size=2,
+        train=shards,
+        validation=shapes_config(4),
+        test=shapes_config(4),
+        num_workers=0,
+        shuffle_val_dataloader=True,
+    )
     assert not isinstance(data.train_dataloader().sampler, ResumableSampler)
     assert data.val_dataloader().sampler.shuffle
     assert not data.test_dataloader().sampler.shuffle

@@ -102,13 +102,21 @@ def sd_text_config(version: str) -> CLIPTextConfig:
     """The text encoders diffusers' SD 1.5 and SD 2 pipelines use (SD 2 drops the last layer)."""
     if version == "v1":
         return CLIPTextConfig(
-            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-            projection_dim=768, hidden_act="quick_gelu",
-        )  # fmt: skip
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
     return CLIPTextConfig(
-        hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
-        projection_dim=512, hidden_act="gelu",
-    )  # fmt: skip
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_attention_heads=16,
+        num_hidden_layers=23,
+        projection_dim=512,
+        hidden_act="gelu",
+    )
 
 
 @pytest.fixture
@@ -163,14 +171,24 @@ class ListDataset(torch.utils.data.Dataset):
 def test_lightning_fit_runs_steps_updates_ema_and_lr_schedule(tmp_path, tiny):
     tiny.scheduler_config = {
         "target": "ldm.lr_scheduler.LambdaLinearScheduler",
-        "params": {"warm_up_steps": [10], "cycle_lengths": [1000], "f_start": [0.1],
-                   "f_max": [1.0], "f_min": [1.0]},
-    }  # fmt: skip
+        "params": {
+            "warm_up_steps": [10],
+            "cycle_lengths": [1000],
+            "f_start": [0.1],
+            "f_max": [1.0],
+            "f_min": [1.0],
+        },
+    }
     loader = torch.utils.data.DataLoader(ListDataset(6), batch_size=2)
     trainer = pl.Trainer(
-        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     before = [p.detach().clone() for p in tiny.model.parameters()]
     trainer.fit(tiny, loader)
     assert trainer.global_step == 3

@@ -55,9 +55,14 @@ def test_every_sampler_stays_on_the_model_device(model, sampler):
     )
     assert latents.device == META
     samples, _ = ADAPTERS[sampler](model).sample(
-        S=3, batch_size=2, shape=(4, 8, 8), conditioning=cond,
-        unconditional_guidance_scale=3.0, unconditional_conditioning=uncond, verbose=False,
-    )  # fmt: skip
+        S=3,
+        batch_size=2,
+        shape=(4, 8, 8),
+        conditioning=cond,
+        unconditional_guidance_scale=3.0,
+        unconditional_conditioning=uncond,
+        verbose=False,
+    )
     assert samples.device == META
 
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from ldm.data.shapes_judge import Verdict, accuracy, judge, prompt_grid
 from ldm.data.synthetic import SyntheticShapes
-from ldm.evaluation import Verdict, accuracy, judge, prompt_grid
 from scripts import demo
 
 
@@ -58,10 +58,22 @@ def test_accuracy_counts_each_attribute():
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_writes_grids_and_scores(tmp_path):
     out = tmp_path / "out"
-    result = demo.main([
-        "--ae_steps", "2", "--ldm_steps", "2", "--logdir", str(tmp_path / "logs"),
-        "--outdir", str(out), "--n_per_prompt", "1", "--eval_steps", "3",
-    ])  # fmt: skip
+    result = demo.main(
+        [
+            "--ae_steps",
+            "2",
+            "--ldm_steps",
+            "2",
+            "--logdir",
+            str(tmp_path / "logs"),
+            "--outdir",
+            str(out),
+            "--n_per_prompt",
+            "1",
+            "--eval_steps",
+            "3",
+        ]
+    )
     assert (out / "samples.png").is_file() and (out / "captions.txt").is_file()
     saved = json.loads((out / "demo.json").read_text())
     assert saved == result and saved["n_images"] == 24
@@ -73,15 +85,33 @@ def test_curve_scores_every_step_checkpoint(tmp_path):
     import main
     from scripts import evaluate
 
-    trainer = main.main([
-        "--base", "configs/tiny/txt2img.yaml", "-t", "-l", str(tmp_path / "logs"),
-        "--max_steps", "2", "data.params.batch_size=4", "data.params.num_workers=0",
-        "lightning.modelcheckpoint.params.every_n_train_steps=1",
-    ])  # fmt: skip
-    curve = evaluate.main([
-        "--logdir", trainer.default_root_dir, "--curve", "--n_per_prompt", "1", "--steps", "2",
-        "--outdir", str(tmp_path / "out"),
-    ])  # fmt: skip
+    trainer = main.main(
+        [
+            "--base",
+            "configs/tiny/txt2img.yaml",
+            "-t",
+            "-l",
+            str(tmp_path / "logs"),
+            "--max_steps",
+            "2",
+            "data.params.batch_size=4",
+            "data.params.num_workers=0",
+            "lightning.modelcheckpoint.params.every_n_train_steps=1",
+        ]
+    )
+    curve = evaluate.main(
+        [
+            "--logdir",
+            trainer.default_root_dir,
+            "--curve",
+            "--n_per_prompt",
+            "1",
+            "--steps",
+            "2",
+            "--outdir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert [point["step"] for point in curve] == [1, 2]
     assert all(point["minutes"] >= 0 and 0 <= point["all"] <= 1 for point in curve)
     assert (tmp_path / "out" / "step-000002" / "samples.png").is_file()

@@ -129,11 +129,17 @@ def diffusers_layout_file(path) -> None:
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        layers_per_block=1, norm_num_groups=32, attention_head_dim=4,
-    )  # fmt: skip
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        layers_per_block=1,
+        norm_num_groups=32,
+        attention_head_dim=4,
+    )
     save_checkpoint(unet.state_dict(), path)
 
 

@@ -27,11 +27,24 @@ CUDA = ["--device", "cuda", "--ddim_steps", "4", "--n_samples", "2", "--n_iter",
 
 def train(root: Path, precision: str) -> main.pl.Trainer:
     argv = [
-        "--base", str(ROOT / "configs" / "tiny" / "txt2img.yaml"), "-t", "--no-test",
-        "-l", str(root), "--accelerator", "gpu", "--devices", "1", "--max_steps", "2",
-        "--precision", precision, "data.params.batch_size=4", "data.params.num_workers=0",
+        "--base",
+        str(ROOT / "configs" / "tiny" / "txt2img.yaml"),
+        "-t",
+        "--no-test",
+        "-l",
+        str(root),
+        "--accelerator",
+        "gpu",
+        "--devices",
+        "1",
+        "--max_steps",
+        "2",
+        "--precision",
+        precision,
+        "data.params.batch_size=4",
+        "data.params.num_workers=0",
         "lightning.trainer.limit_val_batches=1",
-    ]  # fmt: skip
+    ]
     return main.main(argv)
 
 

@@ -147,10 +147,23 @@ def test_interrupt_saves_last_ckpt_for_resume(tmp_path, monkeypatch, signal):
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
     command = [
-        sys.executable, str(ROOT / "main.py"), "--base", str(ROOT / "configs/tiny/txt2img.yaml"),
-        "-t", "-l", str(tmp_path / "logs"), "--max_steps", "2", "--accelerator", "cpu",
-        "--devices", "2", "--strategy", "ddp", *SMALL,
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "main.py"),
+        "--base",
+        str(ROOT / "configs/tiny/txt2img.yaml"),
+        "-t",
+        "-l",
+        str(tmp_path / "logs"),
+        "--max_steps",
+        "2",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        *SMALL,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
@@ -167,9 +180,10 @@ def test_wandb_logs_offline_with_images(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     wandb = [
         "lightning.logger.target=pytorch_lightning.loggers.WandbLogger",
-        "lightning.logger.params.offline=true", "lightning.logger.params.project=ldm-test",
+        "lightning.logger.params.offline=true",
+        "lightning.logger.params.project=ldm-test",
         "lightning.callbacks.image_logger.params.batch_frequency=1",
-    ]  # fmt: skip
+    ]
     trainer = run(tmp_path, "txt2img.yaml", "-t", "--max_steps", "1", *wandb)
     (logdir,) = logdirs(tmp_path)
     assert list(logdir.glob("wandb/offline-run-*"))

@@ -31,9 +31,14 @@ class Images(torch.utils.data.Dataset):
 
 def fit(model, tmp_path, n_items: int = 16, **trainer_kwargs) -> pl.Trainer:
     trainer = pl.Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, **trainer_kwargs,
-    )  # fmt: skip
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **trainer_kwargs,
+    )
     trainer.fit(model, torch.utils.data.DataLoader(Images(n_items), batch_size=2))
     return trainer
 
@@ -49,14 +54,23 @@ def unconditional(**params):
     unet = {
         "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
         "params": dict(
-            image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1,
-            attention_resolutions=[2], channel_mult=[1, 2], num_heads=2,
+            image_size=8,
+            in_channels=4,
+            out_channels=4,
+            model_channels=32,
+            num_res_blocks=1,
+            attention_resolutions=[2],
+            channel_mult=[1, 2],
+            num_heads=2,
         ),
-    }  # fmt: skip
+    }
     return build(
-        cond_stage_config="__is_unconditional__", conditioning_key=None, unet_config=unet,
-        ucg_training=None, **params,
-    )  # fmt: skip
+        cond_stage_config="__is_unconditional__",
+        conditioning_key=None,
+        unet_config=unet,
+        ucg_training=None,
+        **params,
+    )
 
 
 def test_an_unconditional_latent_diffusion_model_trains_samples_and_logs_images(tmp_path):

@@ -62,9 +62,11 @@ def assert_same_state(ours: dict, reference: dict) -> None:
 def data_config(train: dict, num_workers: int) -> DictConfig:
     """The tiny txt2img config with only a `train` data set."""
     return OmegaConf.create(
-        {"target": "ldm.data.DataModuleFromConfig",
-         "params": {"batch_size": 4, "num_workers": num_workers, "train": train}}
-    )  # fmt: skip
+        {
+            "target": "ldm.data.DataModuleFromConfig",
+            "params": {"batch_size": 4, "num_workers": num_workers, "train": train},
+        }
+    )
 
 
 def tiny_config_with_data(path: Path, data: DictConfig) -> Path:
@@ -155,8 +157,10 @@ def write_shards(root: Path, shards: int, per_shard: int) -> Path:
 @pytest.mark.slow
 def test_resuming_mid_epoch_on_streamed_data_says_what_is_repeated(tmp_path, caplog):
     root = write_shards(tmp_path / "shards", shards=2, per_shard=8)  # 4 batches a pass
-    shards = {"target": "ldm.data.shards.WebDatasetShards",
-              "params": {"urls": str(root), "size": 32}}  # fmt: skip
+    shards = {
+        "target": "ldm.data.shards.WebDatasetShards",
+        "params": {"urls": str(root), "size": 32},
+    }
     base = tiny_config_with_data(tmp_path / "shards.yaml", data_config(shards, num_workers=0))
     with caplog.at_level(logging.WARNING, logger="ldm.data.datamodule"):
         train(tmp_path / "logs", "--max_steps", "2", base=base)
@@ -233,12 +237,22 @@ def test_ddp_ranks_draw_their_own_noise_and_resume_their_own_streams(tmp_path):
 def test_ddp_nan_on_one_rank_stops_every_rank_with_the_same_message(tmp_path):
     nan = [
         "lightning.callbacks.nan.target=probes.NaNBatch",
-        "lightning.callbacks.nan.params.step=2", "lightning.callbacks.nan.params.rank=1",
-    ]  # fmt: skip
+        "lightning.callbacks.nan.params.step=2",
+        "lightning.callbacks.nan.params.rank=1",
+    ]
     result = run_ddp(
-        tmp_path, "--base", str(TINY), "-l", str(tmp_path / "logs"), "--max_steps", "5",
-        EVERY_STEP, *nan, *SMALL, timeout=300,
-    )  # fmt: skip
+        tmp_path,
+        "--base",
+        str(TINY),
+        "-l",
+        str(tmp_path / "logs"),
+        "--max_steps",
+        "5",
+        EVERY_STEP,
+        *nan,
+        *SMALL,
+        timeout=300,
+    )
     assert result.returncode != 0
     messages = NAN_MESSAGE.findall(result.stderr)
     assert len(messages) == 2 and len(set(messages)) == 1, result.stderr[-3000:]

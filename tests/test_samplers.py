@@ -304,10 +304,17 @@ class HybridModel:
         from ldm.models.diffusion.ddpm import DiffusionWrapper
 
         params = dict(
-            image_size=8, in_channels=6, out_channels=4, model_channels=32, num_res_blocks=1,
-            attention_resolutions=[1], channel_mult=[1], num_heads=2,
-            use_spatial_transformer=True, context_dim=5,
-        )  # fmt: skip
+            image_size=8,
+            in_channels=6,
+            out_channels=4,
+            model_channels=32,
+            num_res_blocks=1,
+            attention_resolutions=[1],
+            channel_mult=[1],
+            num_heads=2,
+            use_spatial_transformer=True,
+            context_dim=5,
+        )
         unet = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": params}
         self.wrapper, self.calls = DiffusionWrapper(unet, "hybrid").eval(), 0
         self.alphas_cumprod = FakeModel().alphas_cumprod
@@ -438,10 +445,17 @@ def test_ddim_adapter_with_eta_matches_diffusers_noise_for_noise(parameterizatio
     model, x_T = FakeModel(parameterization), torch.randn(2, 4, 8, 8)
     cond, uncond = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
     samples, _ = DDIMSampler(model).sample(
-        S=20, batch_size=2, shape=(4, 8, 8), conditioning=cond, x_T=x_T, eta=0.7,
-        generator=torch.Generator().manual_seed(1), verbose=False,
-        unconditional_guidance_scale=3.0, unconditional_conditioning=uncond,
-    )  # fmt: skip
+        S=20,
+        batch_size=2,
+        shape=(4, 8, 8),
+        conditioning=cond,
+        x_T=x_T,
+        eta=0.7,
+        generator=torch.Generator().manual_seed(1),
+        verbose=False,
+        unconditional_guidance_scale=3.0,
+        unconditional_conditioning=uncond,
+    )
     guided = guided_by_hand(model.true_eps, cond, uncond, 3.0)
     generator = torch.Generator().manual_seed(1)
     expected = diffusers_sample("ddim", guided, x_T, 20, eta=0.7, generator=generator)
@@ -552,9 +566,15 @@ def test_adapters_sample_the_tiny_real_unet_as_diffusers_does(name):
             model.apply_model(x_T, t, cond), model.apply_model(x_T, t, uncond)
         )
         samples, _ = ADAPTERS[name][0](model).sample(
-            S=3, batch_size=2, shape=(4, 16, 16), conditioning=cond, x_T=x_T, verbose=False,
-            unconditional_guidance_scale=4.0, unconditional_conditioning=uncond,
-        )  # fmt: skip
+            S=3,
+            batch_size=2,
+            shape=(4, 16, 16),
+            conditioning=cond,
+            x_T=x_T,
+            verbose=False,
+            unconditional_guidance_scale=4.0,
+            unconditional_conditioning=uncond,
+        )
         guided = guided_by_hand(model.apply_model, cond, uncond, 4.0)
         expected = diffusers_sample(name, guided, x_T, 3)
     torch.testing.assert_close(samples, expected, atol=1e-4, rtol=0)
@@ -578,9 +598,15 @@ def test_latent_diffusion_apply_model_drives_the_samplers():
     cond, uncond, x_T = torch.randn(2, 7, 32), torch.zeros(2, 7, 32), torch.randn(2, 4, 16, 16)
     with torch.no_grad():
         samples, _ = DDIMSampler(model).sample(
-            S=3, batch_size=2, shape=(4, 16, 16), conditioning=cond, x_T=x_T, verbose=False,
-            unconditional_guidance_scale=4.0, unconditional_conditioning=uncond,
-        )  # fmt: skip
+            S=3,
+            batch_size=2,
+            shape=(4, 16, 16),
+            conditioning=cond,
+            x_T=x_T,
+            verbose=False,
+            unconditional_guidance_scale=4.0,
+            unconditional_conditioning=uncond,
+        )
         guided_v = guided_by_hand(model.apply_model, cond, uncond, 4.0)
         expected = diffusers_sample("ddim", guided_v, x_T, 3, prediction_type="v_prediction")
     torch.testing.assert_close(samples, expected, atol=1e-4, rtol=0)
@@ -595,9 +621,15 @@ def test_tiny_latent_diffusion_samples_with_every_adapter_as_diffusers_does(name
         uncond = model.get_learned_conditioning(["", ""])
         x_T = torch.randn(2, 4, 8, 8)
         samples, _ = ADAPTERS[name][0](model).sample(
-            S=3, batch_size=2, shape=(4, 8, 8), conditioning=cond, x_T=x_T, verbose=False,
-            unconditional_guidance_scale=4.0, unconditional_conditioning=uncond,
-        )  # fmt: skip
+            S=3,
+            batch_size=2,
+            shape=(4, 8, 8),
+            conditioning=cond,
+            x_T=x_T,
+            verbose=False,
+            unconditional_guidance_scale=4.0,
+            unconditional_conditioning=uncond,
+        )
         guided_v = guided_by_hand(model.apply_model, cond, uncond, 4.0)
         a = DDIMScheduler(**SD_BETAS).alphas_cumprod
 

@@ -61,14 +61,30 @@ def test_each_sampler_by_name_equals_its_adapter_and_its_function(name, spacing)
     model, (x_T, cond, uncond) = ToyModel(spacing), inputs()
     eta = 0.5 if name == "ddim" else 0.0  # with DDIM's noise drawn from the generator
     door = sampling.sample(
-        model, cond, uncond, sampler=name, steps=10, guidance_scale=4.0, guidance_rescale=0.5,
-        eta=eta, x_T=x_T, generator=seeded(),
-    )  # fmt: skip
+        model,
+        cond,
+        uncond,
+        sampler=name,
+        steps=10,
+        guidance_scale=4.0,
+        guidance_rescale=0.5,
+        eta=eta,
+        x_T=x_T,
+        generator=seeded(),
+    )
     adapter, _ = ADAPTERS[name](model).sample(
-        S=10, batch_size=2, shape=(4, 8, 8), conditioning=cond, x_T=x_T, eta=eta, verbose=False,
-        unconditional_guidance_scale=4.0, unconditional_conditioning=uncond,
-        guidance_rescale=0.5, generator=seeded(),
-    )  # fmt: skip
+        S=10,
+        batch_size=2,
+        shape=(4, 8, 8),
+        conditioning=cond,
+        x_T=x_T,
+        eta=eta,
+        verbose=False,
+        unconditional_guidance_scale=4.0,
+        unconditional_conditioning=uncond,
+        guidance_rescale=0.5,
+        generator=seeded(),
+    )
     torch.testing.assert_close(door, adapter, atol=0, rtol=0)
     timesteps = TRAILING_10 if spacing == "trailing" else UNIFORM_10
     options = {"eta": eta, "generator": seeded()} if name == "ddim" else {}
@@ -105,17 +121,29 @@ def test_img2img_equals_stochastic_encode_then_decode(steps, strength, eta):
     model, (z0, cond, uncond) = ToyModel(), inputs()
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(5))
     door = sampling.img2img(
-        model, z0, cond, uncond, strength=strength, steps=steps, guidance_scale=3.0, eta=eta,
-        noise=noise, generator=torch.Generator().manual_seed(6),
-    )  # fmt: skip
+        model,
+        z0,
+        cond,
+        uncond,
+        strength=strength,
+        steps=steps,
+        guidance_scale=3.0,
+        eta=eta,
+        noise=noise,
+        generator=torch.Generator().manual_seed(6),
+    )
     sampler = DDIMSampler(model)
     sampler.make_schedule(steps, ddim_eta=eta, verbose=False)
     t_enc = round(strength * steps)
     z_t = sampler.stochastic_encode(z0, torch.full((2,), t_enc), noise=noise)
     original = sampler.decode(
-        z_t, cond, t_enc, unconditional_guidance_scale=3.0, unconditional_conditioning=uncond,
+        z_t,
+        cond,
+        t_enc,
+        unconditional_guidance_scale=3.0,
+        unconditional_conditioning=uncond,
         generator=torch.Generator().manual_seed(6),
-    )  # fmt: skip
+    )
     torch.testing.assert_close(door, original, atol=0, rtol=0)
 
 

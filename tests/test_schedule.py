@@ -157,11 +157,12 @@ def test_min_snr_weighted_losses_are_the_same_x0_loss_for_every_target():
         "x0": (x0_hat, x0),
         "eps": (schedule.eps_from_x0(x_t, t, x0_hat, alphas_cumprod), eps),
         "v": (
-            schedule.v_from_eps(x0_hat, t, schedule.eps_from_x0(x_t, t, x0_hat, alphas_cumprod),
-                                alphas_cumprod),
+            schedule.v_from_eps(
+                x0_hat, t, schedule.eps_from_x0(x_t, t, x0_hat, alphas_cumprod), alphas_cumprod
+            ),
             schedule.v_from_eps(x0, t, eps, alphas_cumprod),
         ),
-    }  # fmt: skip
+    }
     losses = {}
     for name, (prediction, target) in estimates.items():
         weights = schedule.min_snr_weights(alphas_cumprod, name, gamma=5.0)[t]

@@ -319,9 +319,11 @@ def test_half_export_keeps_the_schedule_fp32_and_samples_as_before(logdir, tmp_p
 
 TINY = ROOT / "configs" / "tiny" / "txt2img.yaml"
 SCRIPTS = {
-    "txt2img": txt2img.main, "img2img": img2img.main, "convert": convert.main,
+    "txt2img": txt2img.main,
+    "img2img": img2img.main,
+    "convert": convert.main,
     "evaluate": evaluate.main,
-}  # fmt: skip
+}
 
 
 def reading(script: str, ckpt: Path, logdir: Path, out: Path, init_img: Path) -> list[str]:

@@ -134,5 +134,8 @@ class Toy:
 def test_dead_param_check_tells_real_use_from_a_name_that_merely_appears():
     params = list(inspect.signature(Toy.__init__).parameters)[1:]
     assert dead_params(Toy.__init__, params) == [
-        "copied_dead", "renamed_dead", "in_tuple_dead", "only_named"
-    ]  # fmt: skip
+        "copied_dead",
+        "renamed_dead",
+        "in_tuple_dead",
+        "only_named",
+    ]

@@ -113,9 +113,15 @@ def test_unsupported_unet_params_are_named(override, message):
 
 def unconditional_unet_config(**overrides):
     params = dict(
-        image_size=16, in_channels=3, out_channels=3, model_channels=32, num_res_blocks=1,
-        attention_resolutions=[2], channel_mult=[1, 2], num_heads=2,
-    )  # fmt: skip
+        image_size=16,
+        in_channels=3,
+        out_channels=3,
+        model_channels=32,
+        num_res_blocks=1,
+        attention_resolutions=[2],
+        channel_mult=[1, 2],
+        num_heads=2,
+    )
     params.update(overrides)
     return {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": params}
 
@@ -166,9 +172,13 @@ def test_pixel_ddpm_trains_with_the_original_unet():
     from ldm.models.diffusion.ddpm import DDPM
 
     model = DDPM(
-        unet_config=unconditional_unet_config(), image_size=16, channels=3,
-        parameterization="v", beta_schedule="cosine", use_ema=False,
-    )  # fmt: skip
+        unet_config=unconditional_unet_config(),
+        image_size=16,
+        channels=3,
+        parameterization="v",
+        beta_schedule="cosine",
+        use_ema=False,
+    )
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1
     t, noise = torch.tensor([10, 300, 600, 900]), torch.randn(4, 3, 16, 16)
     losses, _ = fit_fixed_batch(model, x0, None, t, noise, steps=15, lr=1e-3)

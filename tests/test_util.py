@@ -75,9 +75,12 @@ def test_lambda_linear_scheduler_warms_up_then_decays_per_cycle():
     """The original: f_min + (f_max - f_min) * (cycle_length - n) / cycle_length after warm-up,
     n counted from the cycle start, so f_min comes exactly at the end of each cycle."""
     schedule = LambdaLinearScheduler(
-        warm_up_steps=[10, 0], f_start=[0.0, 1.0], f_max=[1.0, 1.0], f_min=[0.5, 0.0],
+        warm_up_steps=[10, 0],
+        f_start=[0.0, 1.0],
+        f_max=[1.0, 1.0],
+        f_min=[0.5, 0.0],
         cycle_lengths=[100, 50],
-    )  # fmt: skip
+    )
     assert schedule(0) == 0.0
     assert schedule(5) == pytest.approx(0.5)
     for n in (10, 40, 77, 100):
@@ -96,9 +99,12 @@ def cosine_closed_form(n: int, warm_up: int, length: int, f_min: float, f_max: f
 
 def test_cosine_scheduler_follows_the_original_closed_form():
     schedule = LambdaWarmUpCosineScheduler2(
-        warm_up_steps=[10, 20], f_start=[0.0, 0.2], f_max=[1.0, 0.8], f_min=[0.1, 0.05],
+        warm_up_steps=[10, 20],
+        f_start=[0.0, 0.2],
+        f_max=[1.0, 0.8],
+        f_min=[0.1, 0.05],
         cycle_lengths=[110, 220],
-    )  # fmt: skip
+    )
     assert schedule(5) == pytest.approx(0.5)  # linear warm-up
     assert schedule(10) == pytest.approx(1.0)  # f_max right after warm-up
     assert schedule(60) == pytest.approx(0.1 + 0.5 * (1.0 - 0.1))  # the midpoint of the decay

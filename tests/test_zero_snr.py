@@ -58,9 +58,13 @@ def toy_v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def zero_snr_reference() -> DDIMScheduler:
     """diffusers' zero-terminal-SNR DDIM for a v model (Lin et al. 2024's settings)."""
     return DDIMScheduler(
-        **SD, rescale_betas_zero_snr=True, timestep_spacing="trailing",
-        prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
-    )  # fmt: skip
+        **SD,
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
 
 
 def test_ddim_on_trailing_steps_matches_diffusers_zero_snr_v_sampling():
@@ -89,10 +93,13 @@ def test_ddim_on_trailing_steps_matches_diffusers_zero_snr_v_sampling():
 def test_zero_snr_model_samples_from_t_max_as_diffusers_does():
     config = load_config("tiny/txt2img.yaml").model
     config.params.update(
-        zero_terminal_snr=True, beta_schedule="linear", linear_start=0.00085, linear_end=0.012,
+        zero_terminal_snr=True,
+        beta_schedule="linear",
+        linear_start=0.00085,
+        linear_end=0.012,
         first_stage_config={"target": "torch.nn.Identity"},
         cond_stage_config={"target": "torch.nn.Identity"},
-    )  # fmt: skip
+    )
     model = instantiate_from_config(config).eval()
     with_live_zero_layers(model.model.diffusion_model)
     assert model.timestep_spacing == "trailing"

@@ -201,8 +201,10 @@ class LatentCache(pl.Callback):
         batch_size: int = 32,
     ) -> None:
         if shard_size < 1 or batch_size < 1:
-            raise ValueError(f"LatentCache: shard_size and batch_size must be ≥ 1, got "
-                             f"{shard_size} and {batch_size}")  # fmt: skip
+            raise ValueError(
+                f"LatentCache: shard_size and batch_size must be ≥ 1, got "
+                f"{shard_size} and {batch_size}"
+            )
         self.dir, self.splits = Path(dir), list(splits)
         self.shard_size, self.batch_size = shard_size, batch_size
 
@@ -242,9 +244,16 @@ class LatentCache(pl.Callback):
             was_training = model.training
             model.eval()
             built = build_cache(
-                model, dataset, root, key, self.shard_size, self.batch_size,
-                trainer.global_rank, trainer.world_size, trainer.precision_plugin.forward_context,
-            )  # fmt: skip
+                model,
+                dataset,
+                root,
+                key,
+                self.shard_size,
+                self.batch_size,
+                trainer.global_rank,
+                trainer.world_size,
+                trainer.precision_plugin.forward_context,
+            )
             model.train(was_training)
             strategy.barrier("latent_cache_built")
             if trainer.global_rank == 0:
@@ -260,5 +269,6 @@ def warn_if_augmented(config: Mapping, split: str) -> None:
     if params.get("flip_p") or params.get("crop") == "random":
         logger.warning(
             "LatentCache: data.params.%s has random flips or crops; the cache keeps the ones "
-            "drawn while building it, the same every epoch", split,
-        )  # fmt: skip
+            "drawn while building it, the same every epoch",
+            split,
+        )

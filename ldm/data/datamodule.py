@@ -170,9 +170,11 @@ class DataModuleFromConfig(pl.LightningDataModule):
                 "resuming mid-epoch on %s, a streamed data set that cannot skip ahead: it "
                 "restarts from the beginning of its first pass (its shuffles too), so its first "
                 "%d batches (%d items per rank) are trained on again in epoch %d",
-                describe(dataset), self.batches_taken(), self.batches_taken() * self.batch_size,
+                describe(dataset),
+                self.batches_taken(),
+                self.batches_taken() * self.batch_size,
                 trainer.current_epoch,
-            )  # fmt: skip
+            )
 
     def batches_taken(self) -> int:
         """Batches of the current epoch the training loop has processed (0 outside a fit)."""

@@ -164,8 +164,10 @@ class WebDatasetShards(IterableDataset):
             logger.warning(
                 "%d shards over %d ranks × %d workers: some get fewer samples or none "
                 "(uneven ranks can stall DDP at epoch end); use a multiple of the ranks",
-                n, world_size, workers,
-            )  # fmt: skip
+                n,
+                world_size,
+                workers,
+            )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.check_split()

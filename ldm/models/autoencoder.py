@@ -145,9 +145,11 @@ class AutoencoderKL(pl.LightningModule):
 
     def configure_optimizers(self):
         ae_params = [
-            *self.encoder.parameters(), *self.decoder.parameters(),
-            *self.quant_conv.parameters(), *self.post_quant_conv.parameters(),
-        ]  # fmt: skip
+            *self.encoder.parameters(),
+            *self.decoder.parameters(),
+            *self.quant_conv.parameters(),
+            *self.post_quant_conv.parameters(),
+        ]
         if not hasattr(self.loss, "discriminator"):
             raise ValueError(
                 f"AutoencoderKL: lossconfig {type(self.loss).__name__} cannot train; use "

@@ -74,9 +74,12 @@ class DDIMSampler(OriginalSampler):
     sample_fn = staticmethod(sample_ddim)
 
     def make_schedule(
-        self, ddim_num_steps: int, ddim_discretize: str | None = None, ddim_eta: float = 0.0,
+        self,
+        ddim_num_steps: int,
+        ddim_discretize: str | None = None,
+        ddim_eta: float = 0.0,
         verbose: bool = True,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """The base's timesteps, with DDIM's sigmas for ddim_eta (Song et al., eq. 16)."""
         super().make_schedule(ddim_num_steps, ddim_discretize, ddim_eta, verbose)
         self.ddim_sigmas = ddim_sigma(self.ddim_alphas, self.ddim_alphas_prev, ddim_eta)
@@ -86,9 +89,13 @@ class DDIMSampler(OriginalSampler):
 
     @torch.no_grad()
     def stochastic_encode(
-        self, x0: Tensor, t: Tensor, use_original_steps: bool = False, noise=None,
+        self,
+        x0: Tensor,
+        t: Tensor,
+        use_original_steps: bool = False,
+        noise=None,
         generator: torch.Generator | None = None,
-    ) -> Tensor:  # fmt: skip
+    ) -> Tensor:
         """x0 noised to DDIM step index t (to timestep t with use_original_steps)."""
         alphas = self.model.alphas_cumprod if use_original_steps else self.ddim_alphas
         if noise is None:
@@ -97,10 +104,17 @@ class DDIMSampler(OriginalSampler):
 
     @torch.no_grad()
     def decode(
-        self, x_latent: Tensor, cond, t_start: int, unconditional_guidance_scale: float = 1.0,
-        unconditional_conditioning=None, use_original_steps: bool = False, callback=None,
-        generator: torch.Generator | None = None, guidance_rescale: float = 0.0,
-    ) -> Tensor:  # fmt: skip
+        self,
+        x_latent: Tensor,
+        cond,
+        t_start: int,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning=None,
+        use_original_steps: bool = False,
+        callback=None,
+        generator: torch.Generator | None = None,
+        guidance_rescale: float = 0.0,
+    ) -> Tensor:
         """img2img: the t_start lowest steps from x_latent, with make_schedule's eta.
 
         As the original, x_latent from stochastic_encode(t_start) sits one DDIM step above the
@@ -111,11 +125,22 @@ class DDIMSampler(OriginalSampler):
             timesteps = torch.arange(t_start - 1, -1, -1, device=x_latent.device)
         final_alpha = 1.0 if use_original_steps else None
         eps_fn = cfg_eps_fn(
-            self.model, cond, unconditional_conditioning, unconditional_guidance_scale,
+            self.model,
+            cond,
+            unconditional_conditioning,
+            unconditional_guidance_scale,
             guidance_rescale,
-        )  # fmt: skip
+        )
         x, _ = original_sample(
-            sample_ddim, self.model, timesteps, x_latent, eps_fn, callback=callback,
-            verbose=False, eta=self.ddim_eta, final_alpha=final_alpha, generator=generator,
-        )  # fmt: skip
+            sample_ddim,
+            self.model,
+            timesteps,
+            x_latent,
+            eps_fn,
+            callback=callback,
+            verbose=False,
+            eta=self.ddim_eta,
+            final_alpha=final_alpha,
+            generator=generator,
+        )
         return x

@@ -128,16 +128,33 @@ class DDPM(pl.LightningModule):
                 f"{type(self).__name__}: conditioning_key {conditioning_key!r} is not supported "
                 f"(supported: {self.supported_conditioning})"
             )
-        betas = schedule.make_beta_schedule(
-            beta_schedule, timesteps, linear_start, linear_end, cosine_s,
-            sigmoid_start=sigmoid_start, sigmoid_end=sigmoid_end, sigmoid_tau=sigmoid_tau,
-        ) if given_betas is None else torch.tensor(given_betas, dtype=torch.float64)  # fmt: skip
+        betas = (
+            schedule.make_beta_schedule(
+                beta_schedule,
+                timesteps,
+                linear_start,
+                linear_end,
+                cosine_s,
+                sigmoid_start=sigmoid_start,
+                sigmoid_end=sigmoid_end,
+                sigmoid_tau=sigmoid_tau,
+            )
+            if given_betas is None
+            else torch.tensor(given_betas, dtype=torch.float64)
+        )
         if zero_terminal_snr:
             betas = schedule.zero_snr_betas(betas, parameterization)
         self.loss_fn = DiffusionLoss(
-            betas, parameterization, loss_type, min_snr_gamma, l_simple_weight,
-            original_elbo_weight, self_conditioning, offset_noise_strength, immiscible,
-        )  # fmt: skip
+            betas,
+            parameterization,
+            loss_type,
+            min_snr_gamma,
+            l_simple_weight,
+            original_elbo_weight,
+            self_conditioning,
+            offset_noise_strength,
+            immiscible,
+        )
         self.parameterization, self.self_conditioning = parameterization, self_conditioning
         self.first_stage_key, self.image_size, self.channels = first_stage_key, image_size, channels
         self.monitor, self.scheduler_config = monitor, scheduler_config
@@ -176,9 +193,13 @@ class DDPM(pl.LightningModule):
         self.schedule_keys = list(buffers)
 
     def init_from_ckpt(
-        self, path: str, ignore_keys=None, only_model: bool | None = None, *,
+        self,
+        path: str,
+        ignore_keys=None,
+        only_model: bool | None = None,
+        *,
         unsafe_pickle: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Load weights into the fully built model, strictly (`checkpoint.load_strictly`).
 
         The file must hold every weight except what the model computes or restarts itself
@@ -314,19 +335,37 @@ class DDPM(pl.LightningModule):
 
     @torch.no_grad()
     def sample(
-        self, cond, batch_size: int, steps: int = 50, guidance_scale: float = 1.0, uncond=None,
-        eta: float = 0.0, x_T: torch.Tensor | None = None, generator=None, disable: bool = True,
-        guidance_rescale: float = 0.0, sampler: str = "ddim",
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        cond,
+        batch_size: int,
+        steps: int = 50,
+        guidance_scale: float = 1.0,
+        uncond=None,
+        eta: float = 0.0,
+        x_T: torch.Tensor | None = None,
+        generator=None,
+        disable: bool = True,
+        guidance_rescale: float = 0.0,
+        sampler: str = "ddim",
+    ) -> torch.Tensor:
         """Samples (B, channels, image_size, image_size) by `sampler`; guided when uncond is set.
 
         For LatentDiffusion these are latents, to decode with `decode_first_stage`.
         """
         return sampling.sample(
-            self, cond, uncond, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale, eta=eta, x_T=x_T, batch_size=batch_size,
-            generator=generator, disable=disable,
-        )  # fmt: skip
+            self,
+            cond,
+            uncond,
+            sampler=sampler,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+            x_T=x_T,
+            batch_size=batch_size,
+            generator=generator,
+            disable=disable,
+        )
 
     @torch.no_grad()
     def log_images(self, batch: Mapping, n: int = 8, steps: int = 20) -> dict[str, object]:
@@ -381,9 +420,11 @@ class LatentDiffusion(DDPM):
             raise NotImplementedError("LatentDiffusion: num_timesteps_cond > 1 is not supported")
         key = resolve_conditioning_key(cond_stage_config, conditioning_key, concat_mode)
         super().__init__(
-            conditioning_key=key, ignore_keys=ignore_keys, load_only_unet=load_only_unet,
+            conditioning_key=key,
+            ignore_keys=ignore_keys,
+            load_only_unet=load_only_unet,
             **ddpm_params,
-        )  # fmt: skip
+        )
         self.cond_stage_key, self.cond_stage_forward = cond_stage_key, cond_stage_forward
         self.cond_stage_trainable = cond_stage_trainable
         self.ucg_training = parse_ucg_training(ucg_training)

@@ -40,11 +40,17 @@ class DiffusionLoss:
     """
 
     def __init__(
-        self, betas: Tensor, parameterization: str = "eps", loss_type: str = "l2",
-        min_snr_gamma: float | None = None, l_simple_weight: float = 1.0,
-        original_elbo_weight: float = 0.0, self_conditioning: bool = False,
-        offset_noise_strength: float = 0.0, immiscible: bool = False,
-    ):  # fmt: skip
+        self,
+        betas: Tensor,
+        parameterization: str = "eps",
+        loss_type: str = "l2",
+        min_snr_gamma: float | None = None,
+        l_simple_weight: float = 1.0,
+        original_elbo_weight: float = 0.0,
+        self_conditioning: bool = False,
+        offset_noise_strength: float = 0.0,
+        immiscible: bool = False,
+    ):
         if parameterization not in schedule.PARAMETERIZATIONS:
             expected = schedule.PARAMETERIZATIONS
             raise ValueError(f"parameterization {parameterization!r}; expected one of {expected}")
@@ -69,9 +75,15 @@ class DiffusionLoss:
         return self.on_device[device][name]
 
     def __call__(
-        self, predict: Predict, x0: Tensor, t: Tensor, noise: Tensor | None = None,
-        logvar: Tensor | None = None, training: bool = True, prefix: str = "train",
-    ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+        self,
+        predict: Predict,
+        x0: Tensor,
+        t: Tensor,
+        noise: Tensor | None = None,
+        logvar: Tensor | None = None,
+        training: bool = True,
+        prefix: str = "train",
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss, values to log) for clean x0 (B, C, ...) at timesteps t (B,).
 
         `logvar` (T,) is the learned or fixed log-variance per timestep (zeros when None).

@@ -77,9 +77,12 @@ class PLMSSampler(OriginalSampler):
     sample_fn = staticmethod(sample_plms)
 
     def make_schedule(
-        self, ddim_num_steps: int, ddim_discretize: str | None = None, ddim_eta: float = 0.0,
+        self,
+        ddim_num_steps: int,
+        ddim_discretize: str | None = None,
+        ddim_eta: float = 0.0,
         verbose: bool = True,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Pick the timesteps as DDIM does; PLMS is deterministic, so eta must be 0."""
         if ddim_eta != 0:
             raise ValueError(f"PLMSSampler: ddim_eta must be 0 for PLMS, got {ddim_eta}")

@@ -14,14 +14,24 @@ from torch import Tensor
 
 from ldm.models.diffusion.guidance import EpsFn, cfg_eps_fn
 from ldm.models.diffusion.schedule import alphas_along, make_ddim_timesteps
+from ldm.util import reject_unsupported
 
 # The original samplers' options and defaults: other values, or unknown options, are refused
 # by name rather than ignored.
 ORIGINAL_DEFAULTS = dict(
-    quantize_x0=False, mask=None, x0=None, temperature=1.0, noise_dropout=0.0, eta=0.0,
-    score_corrector=None, corrector_kwargs=None, normals_sequence=None, dynamic_threshold=None,
-    ucg_schedule=None, log_every_t=100,
-)  # fmt: skip
+    quantize_x0=False,
+    mask=None,
+    x0=None,
+    temperature=1.0,
+    noise_dropout=0.0,
+    eta=0.0,
+    score_corrector=None,
+    corrector_kwargs=None,
+    normals_sequence=None,
+    dynamic_threshold=None,
+    ucg_schedule=None,
+    log_every_t=100,
+)
 COMPAT_PARAMS = {
     "schedule": "stored by the original and never read",
     "device": "SD 2.x scripts pass it; we sample on the model's and x_T's device",
@@ -40,18 +50,13 @@ def model_timesteps(model, steps: int, spacing: str | None = None) -> Tensor:
     return make_ddim_timesteps(steps, model.num_timesteps, spacing)
 
 
-def reject_unsupported(where: str, **options) -> None:
-    """Raise NotImplementedError naming each option given other than its original default."""
-
-    def is_default(name: str, value) -> bool:
-        default = ORIGINAL_DEFAULTS.get(name, ...)
-        if default is None:
-            return value is None
-        return not isinstance(value, torch.Tensor) and value == default
-
-    bad = sorted(name for name, value in options.items() if not is_default(name, value))
-    if bad:
-        raise NotImplementedError(f"{where}: {bad} not supported (only the defaults are)")
+def reject_original_options(where: str, **options) -> None:
+    """Raise NotImplementedError naming each option given other than its original default
+    (ORIGINAL_DEFAULTS), and each option the original samplers do not have."""
+    unknown = sorted(set(options) - set(ORIGINAL_DEFAULTS))
+    if unknown:
+        raise NotImplementedError(f"{where}: unknown options {unknown}")
+    reject_unsupported(where, {k: (v, ORIGINAL_DEFAULTS[k]) for k, v in options.items()})
 
 
 def start_noise(x_T: Tensor | None, shape, device, generator=None) -> Tensor:
@@ -60,9 +65,18 @@ def start_noise(x_T: Tensor | None, shape, device, generator=None) -> Tensor:
 
 
 def original_sample(
-    sample_fn: Callable, model, timesteps: Tensor, x: Tensor, eps_fn: EpsFn, *,
-    callback=None, img_callback=None, log_every_t: int = 100, verbose: bool = True, **kwargs,
-) -> tuple[Tensor, dict]:  # fmt: skip
+    sample_fn: Callable,
+    model,
+    timesteps: Tensor,
+    x: Tensor,
+    eps_fn: EpsFn,
+    *,
+    callback=None,
+    img_callback=None,
+    log_every_t: int = 100,
+    verbose: bool = True,
+    **kwargs,
+) -> tuple[Tensor, dict]:
     """Run `sample_fn` with `eps_fn` from x behind the original API: callbacks, intermediates.
 
     Returns (samples, {"x_inter": [...], "pred_x0": [...]}) with intermediates logged every
@@ -98,9 +112,12 @@ class OriginalSampler:
         self.model, self.timestep_spacing = model, timestep_spacing
 
     def make_schedule(
-        self, ddim_num_steps: int, ddim_discretize: str | None = None, ddim_eta: float = 0.0,
+        self,
+        ddim_num_steps: int,
+        ddim_discretize: str | None = None,
+        ddim_eta: float = 0.0,
         verbose: bool = True,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Pick the timesteps; the `ddim_*` arrays are ascending, as in the original.
 
         ddim_discretize defaults to the sampler's `timestep_spacing`, else the model's.
@@ -118,27 +135,48 @@ class OriginalSampler:
 
     @torch.no_grad()
     def sample(
-        self, S: int, batch_size: int, shape, conditioning=None, callback=None,
-        img_callback=None, eta: float = 0.0, verbose: bool = True, x_T=None,
-        log_every_t: int = 100, unconditional_guidance_scale: float = 1.0,
-        unconditional_conditioning=None, generator: torch.Generator | None = None,
-        guidance_rescale: float = 0.0, **kwargs,
-    ) -> tuple[Tensor, dict]:  # fmt: skip
+        self,
+        S: int,
+        batch_size: int,
+        shape,
+        conditioning=None,
+        callback=None,
+        img_callback=None,
+        eta: float = 0.0,
+        verbose: bool = True,
+        x_T=None,
+        log_every_t: int = 100,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning=None,
+        generator: torch.Generator | None = None,
+        guidance_rescale: float = 0.0,
+        **kwargs,
+    ) -> tuple[Tensor, dict]:
         """(samples (B, *shape), {"x_inter": [...], "pred_x0": [...]}) from x_T or fresh noise.
 
         guidance_rescale is Lin et al.'s phi (0.7 in the paper; 0: plain guidance).
         The original's other options (mask, x0, quantize_x0, temperature, noise_dropout,
         score_corrector, ...) are accepted at their defaults only.
         """
-        reject_unsupported(f"{type(self).__name__}.sample", **kwargs)
+        reject_original_options(f"{type(self).__name__}.sample", **kwargs)
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
         eps_fn = cfg_eps_fn(
-            self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale,
+            self.model,
+            conditioning,
+            unconditional_conditioning,
+            unconditional_guidance_scale,
             guidance_rescale,
-        )  # fmt: skip
+        )
         x = start_noise(x_T, (batch_size, *shape), self.model.device, generator)
         return original_sample(
-            type(self).sample_fn, self.model, self.timesteps, x, eps_fn, callback=callback,
-            img_callback=img_callback, log_every_t=log_every_t, verbose=verbose,
+            type(self).sample_fn,
+            self.model,
+            self.timesteps,
+            x,
+            eps_fn,
+            callback=callback,
+            img_callback=img_callback,
+            log_every_t=log_every_t,
+            verbose=verbose,
             **self.sample_fn_kwargs(eta, generator),
-        )  # fmt: skip
+        )

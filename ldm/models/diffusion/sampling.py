@@ -52,12 +52,23 @@ def start_shape(model, batch_size: int | None, shape) -> tuple[int, ...]:
 
 @torch.no_grad()
 def sample(
-    model, cond, uncond=None, *, sampler: str = "ddim", steps: int = 50,
-    guidance_scale: float = 1.0, guidance_rescale: float = 0.0, eta: float = 0.0,
-    x_T: Tensor | None = None, shape: tuple[int, ...] | None = None,
-    batch_size: int | None = None, generator: torch.Generator | None = None,
-    timestep_spacing: str | None = None, callback=None, disable: bool = True,
-) -> Tensor:  # fmt: skip
+    model,
+    cond,
+    uncond=None,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+    eta: float = 0.0,
+    x_T: Tensor | None = None,
+    shape: tuple[int, ...] | None = None,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    timestep_spacing: str | None = None,
+    callback=None,
+    disable: bool = True,
+) -> Tensor:
     """Latents (B, C, H, W) from x_T (else fresh noise) by `sampler` over `steps` steps.
 
     Guided when uncond is given and guidance_scale != 1 (Ho & Salimans 2022); guidance_rescale
@@ -76,11 +87,23 @@ def sample(
 
 @torch.no_grad()
 def img2img(
-    model, z0: Tensor, cond, uncond=None, *, strength: float, sampler: str = "ddim",
-    steps: int = 50, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
-    eta: float = 0.0, noise: Tensor | None = None, generator: torch.Generator | None = None,
-    timestep_spacing: str | None = None, callback=None, disable: bool = True,
-) -> Tensor:  # fmt: skip
+    model,
+    z0: Tensor,
+    cond,
+    uncond=None,
+    *,
+    strength: float,
+    sampler: str = "ddim",
+    steps: int = 50,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    timestep_spacing: str | None = None,
+    callback=None,
+    disable: bool = True,
+) -> Tensor:
     """Latents redrawn from z0 (B, C, H, W): noised `strength` of the way, then denoised.
 
     The t_enc = round(strength * steps) lowest steps are run: 0 gives z0 back, `steps` starts

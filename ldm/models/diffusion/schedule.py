@@ -34,9 +34,15 @@ def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 
 def make_beta_schedule(
-    kind: str, n: int, linear_start: float, linear_end: float, cosine_s: float = 8e-3,
-    sigmoid_start: float = -3.0, sigmoid_end: float = 3.0, sigmoid_tau: float = 1.0,
-) -> torch.Tensor:  # fmt: skip
+    kind: str,
+    n: int,
+    linear_start: float,
+    linear_end: float,
+    cosine_s: float = 8e-3,
+    sigmoid_start: float = -3.0,
+    sigmoid_end: float = 3.0,
+    sigmoid_tau: float = 1.0,
+) -> torch.Tensor:
     """(n,) float64 betas. SD's "linear" is linear in sqrt(beta), which diffusers calls
     "scaled_linear" (accepted here as a synonym); "sqrt_linear" is linear in beta."""
     t = torch.arange(n + 1, dtype=torch.float64) / n  # 0, 1/n, ..., 1

@@ -103,10 +103,15 @@ class CompactUNet(nn.Module):
     """
 
     def __init__(
-        self, dim: int = 64, dim_mults: Sequence[int] = (1, 2, 4, 8), in_channels: int = 3,
-        out_channels: int | None = None, attn_heads: int = 4, attn_dim_head: int = 32,
+        self,
+        dim: int = 64,
+        dim_mults: Sequence[int] = (1, 2, 4, 8),
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        attn_heads: int = 4,
+        attn_dim_head: int = 32,
         dropout: float = 0.0,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.levels = len(dim_mults)
         time_dim = dim * 4
@@ -151,7 +156,7 @@ class CompactUNet(nn.Module):
                         attention(d_out, first),
                         resample,
                     ]
-                )  # fmt: skip
+                )
             )
         self.final_block = block(dim * 2, dim)
         self.final_conv = nn.Conv2d(dim, out_channels or in_channels, 1)

@@ -171,12 +171,24 @@ class Encoder(nn.Module):
     """Images (B, in_channels, H, W) to latent moments (B, 2 z_channels, H/f, W/f), f = 2^(L-1)."""
 
     def __init__(
-        self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
-        attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
-        in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
-        give_pre_end: bool = False, tanh_out: bool = False, use_linear_attn: bool = False,
+        self,
+        *,
+        ch: int,
+        out_ch: int,
+        ch_mult: Sequence[int] = (1, 2, 4, 8),
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+        double_z: bool = True,
+        give_pre_end: bool = False,
+        tanh_out: bool = False,
+        use_linear_attn: bool = False,
         attn_type: str = "vanilla",
-    ):  # fmt: skip
+    ):
         super().__init__()
         check_attn(use_linear_attn, attn_type)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -214,12 +226,24 @@ class Decoder(nn.Module):
     """Latents (B, z_channels, h, w) to images (B, out_ch, h·f, w·f)."""
 
     def __init__(
-        self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
-        attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
-        in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
-        give_pre_end: bool = False, tanh_out: bool = False, use_linear_attn: bool = False,
+        self,
+        *,
+        ch: int,
+        out_ch: int,
+        ch_mult: Sequence[int] = (1, 2, 4, 8),
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+        double_z: bool = True,
+        give_pre_end: bool = False,
+        tanh_out: bool = False,
+        use_linear_attn: bool = False,
         attn_type: str = "vanilla",
-    ):  # fmt: skip
+    ):
         super().__init__()
         check_attn(use_linear_attn, attn_type)
         self.give_pre_end, self.tanh_out = give_pre_end, tanh_out

@@ -196,12 +196,16 @@ class UNetModel(nn.Module):
         self.block_kwargs = dict(dropout=dropout, use_checkpoint=use_checkpoint)
         self.resblock_kwargs = dict(use_scale_shift_norm=use_scale_shift_norm)
         self.attn_kwargs = dict(
-            num_heads=num_heads, num_head_channels=num_head_channels, depth=transformer_depth,
-            context_dim=context_dim, use_linear=use_linear_in_transformer,
-            spatial=use_spatial_transformer, new_order=use_new_attention_order,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            depth=transformer_depth,
+            context_dim=context_dim,
+            use_linear=use_linear_in_transformer,
+            spatial=use_spatial_transformer,
+            new_order=use_new_attention_order,
             # The original's decoder AttentionBlocks took num_heads_upsample only in this case.
             heads_upsample=num_heads_upsample if legacy and num_head_channels == -1 else -1,
-        )  # fmt: skip
+        )
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim),
@@ -234,10 +238,16 @@ class UNetModel(nn.Module):
                 ch, heads, self.block_kwargs["use_checkpoint"], new_order=kw["new_order"]
             )
         return SpatialTransformer(
-            ch, heads, ch // heads, depth=kw["depth"], dropout=self.block_kwargs["dropout"],
-            context_dim=kw["context_dim"], disable_self_attn=disable_self_attn,
-            use_linear=kw["use_linear"], use_checkpoint=self.block_kwargs["use_checkpoint"],
-        )  # fmt: skip
+            ch,
+            heads,
+            ch // heads,
+            depth=kw["depth"],
+            dropout=self.block_kwargs["dropout"],
+            context_dim=kw["context_dim"],
+            disable_self_attn=disable_self_attn,
+            use_linear=kw["use_linear"],
+            use_checkpoint=self.block_kwargs["use_checkpoint"],
+        )
 
     def _make_input_blocks(self, in_channels: int, emb_dim: int) -> tuple[nn.ModuleList, list]:
         ch = self.model_channels

@@ -73,10 +73,14 @@ class Conv2d(nn.Conv2d):
         out_h, out_w = (
             (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
             for size, pad, dil, k, stride in zip(
-                x.shape[-2:], self.padding, self.dilation, self.kernel_size, self.stride,
+                x.shape[-2:],
+                self.padding,
+                self.dilation,
+                self.kernel_size,
+                self.stride,
                 strict=True,
             )
-        )  # fmt: skip
+        )
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
         cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C_in * k * k, B * H * W)
         weight = self.weight.view(self.out_channels, -1)  # (C_out, C_in * k * k)

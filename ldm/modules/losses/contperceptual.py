@@ -97,9 +97,17 @@ class LPIPSWithDiscriminator(nn.Module):
         return rec_loss / self.logvar.exp() + self.logvar  # (B, C, H, W)
 
     def forward(
-        self, inputs, reconstructions, posteriors, optimizer_idx: int, global_step: int,
-        last_layer: torch.Tensor | None = None, cond=None, split: str = "train", weights=None,
-    ) -> tuple[torch.Tensor, dict]:  # fmt: skip
+        self,
+        inputs,
+        reconstructions,
+        posteriors,
+        optimizer_idx: int,
+        global_step: int,
+        last_layer: torch.Tensor | None = None,
+        cond=None,
+        split: str = "train",
+        weights=None,
+    ) -> tuple[torch.Tensor, dict]:
         if cond is not None:
             raise NotImplementedError("LPIPSWithDiscriminator: conditional critics not supported")
         inputs, reconstructions = inputs.contiguous(), reconstructions.contiguous()

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ldm.models.diffusion import schedule
 from ldm.models.diffusion.guidance import EpsFn
-from ldm.models.diffusion.sampler_api import OriginalSampler, reject_unsupported
+from ldm.models.diffusion.sampler_api import OriginalSampler, reject_original_options
 
 # diffusers' lower_order_final: with fewer steps than this the last step is first-order.
 LOWER_ORDER_FINAL_BELOW = 15
@@ -90,15 +90,18 @@ class DPMSolverSampler(OriginalSampler):
     sample_fn = staticmethod(sample_dpmpp_2m)
 
     def __init__(self, model, device=None, timestep_spacing: str | None = None, **kwargs):
-        reject_unsupported("DPMSolverSampler", **kwargs)
+        reject_original_options("DPMSolverSampler", **kwargs)
         super().__init__(model, device=device, timestep_spacing=timestep_spacing)
 
     def make_schedule(
-        self, ddim_num_steps: int, ddim_discretize: str | None = None, ddim_eta: float = 0.0,
+        self,
+        ddim_num_steps: int,
+        ddim_discretize: str | None = None,
+        ddim_eta: float = 0.0,
         verbose: bool = True,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """The base's timesteps; DPM-Solver++ is deterministic, so eta is refused by name."""
-        reject_unsupported("DPMSolverSampler.sample", eta=ddim_eta)
+        reject_original_options("DPMSolverSampler.sample", eta=ddim_eta)
         super().make_schedule(ddim_num_steps, ddim_discretize, ddim_eta, verbose)
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Prompt adherence on the synthetic shapes: generate for known prompts, judge by pixel statistics.
+"""A judge of prompt adherence for the synthetic shapes: colour, shape and background read off
+an image by pixel statistics, and the accuracy of a set of verdicts against their prompts.
 
 The judge reads an image as the data set draws it. The background is the palette colour
 nearest the corners' median; the shape is the largest connected region of pixels that are far
@@ -18,7 +19,6 @@ import torch
 from scipy import ndimage
 
 from ldm.data.synthetic import SyntheticShapes, draw_shape
-from ldm.models.diffusion import sampling
 
 # A pixel belongs to the shape when it is this far (RGB distance) from the background colour.
 FOREGROUND_DISTANCE = 60.0
@@ -96,22 +96,6 @@ def prompt_grid(data: SyntheticShapes, seed: int = 0) -> list[tuple[int, int, in
     n = len(data.color_names)
     pairs = itertools.product(range(n), range(len(data.shape_names)))
     return [(c, s, (c + 1 + int(rng.integers(n - 1))) % n) for c, s in pairs]
-
-
-@torch.no_grad()
-def generate(
-    model, captions: list[str], steps: int, scale: float, seed: int, eta: float = 0.0
-) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] for `captions`, from EMA weights, DDIM with guidance."""
-    generator = torch.Generator(model.device).manual_seed(seed)
-    with model.ema_scope():
-        cond = model.get_learned_conditioning(captions)
-        uncond = model.get_learned_conditioning([""] * len(captions))
-        latents = sampling.sample(
-            model, cond, uncond, steps=steps, guidance_scale=scale, eta=eta,
-            batch_size=len(captions), generator=generator,
-        )  # fmt: skip
-        return model.decode_first_stage(latents)
 
 
 def accuracy(verdicts: list[Verdict], labels: list[tuple[int, int, int]]) -> dict[str, float]:
