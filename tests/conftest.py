@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,19 @@ def sd_manifest(version: str) -> dict[str, tuple[int, ...]]:
 def diffusers_original_config(model_config) -> dict:
     """The `original_config` dict diffusers' single-file converters read."""
     return {"model": OmegaConf.to_container(model_config, resolve=True)}
+
+
+DDP = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+
+
+def run_ddp(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python main.py -t --no-test` as 2 DDP processes on the CPU (gloo), with `args`; the
+    test callbacks of tests/probes.py import there too."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    command = [sys.executable, str(ROOT / "main.py"), "-t", "--no-test", *DDP, *args]
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def fit_fixed_batch(model, x0, cond, t, noise, steps: int, lr: float) -> tuple[list, dict]:

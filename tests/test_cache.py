@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, run_ddp
 from torch.utils.data import default_collate
 
 import main
@@ -158,24 +155,16 @@ def test_streamed_data_cannot_be_cached(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_two_ddp_processes_build_one_cache(tmp_path):
     cache = tmp_path / "cache"
-    command = [
-        sys.executable,
-        str(ROOT / "main.py"),
+    tiny = ROOT / "configs" / "tiny"
+    result = run_ddp(
+        tmp_path,
         "--base",
-        str(ROOT / "configs/tiny/txt2img.yaml"),
-        str(ROOT / "configs/tiny/cached.yaml"),
-        "-t",
-        "--no-test",
+        str(tiny / "txt2img.yaml"),
+        str(tiny / "cached.yaml"),
         "-l",
         str(tmp_path / "logs"),
         "--max_steps",
         "2",
-        "--accelerator",
-        "cpu",
-        "--devices",
-        "2",
-        "--strategy",
-        "ddp",
         f"lightning.callbacks.latent_cache.params.dir={cache}",
         "lightning.callbacks.latent_cache.params.shard_size=8",
         "data.params.train.params.length=32",
@@ -183,9 +172,7 @@ def test_two_ddp_processes_build_one_cache(tmp_path):
         "data.params.batch_size=4",
         "data.params.num_workers=0",
         "lightning.trainer.limit_val_batches=1",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((cache / "train/manifest.json").read_text())["length"] == 32
     assert len(CachedLatents(cache / "train")) == 32  # shards 0, 2 from rank 0 and 1, 3 from 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_ddp
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import main
@@ -146,28 +146,8 @@ def test_interrupt_saves_last_ckpt_for_resume(tmp_path, monkeypatch, signal):
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
-    command = [
-        sys.executable,
-        str(ROOT / "main.py"),
-        "--base",
-        str(ROOT / "configs/tiny/txt2img.yaml"),
-        "-t",
-        "-l",
-        str(tmp_path / "logs"),
-        "--max_steps",
-        "2",
-        "--accelerator",
-        "cpu",
-        "--devices",
-        "2",
-        "--strategy",
-        "ddp",
-        *SMALL,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
+    base = ["--base", str(ROOT / "configs/tiny/txt2img.yaml"), "-l", str(tmp_path / "logs")]
+    result = run_ddp(tmp_path, *base, "--max_steps", "2", *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     (logdir,) = logdirs(tmp_path)
     checkpoint = torch.load(logdir / "checkpoints" / "last.ckpt", weights_only=False)

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import ROOT
+from conftest import ROOT, run_ddp
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
@@ -32,7 +29,6 @@ SMALL = [
     "lightning.trainer.limit_val_batches=1",
 ]
 EVERY_STEP = "lightning.modelcheckpoint.params.every_n_train_steps=1"
-DDP = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
 NAN_MESSAGE = re.compile(r"the training loss became .*?; stopping")
 
 
@@ -189,14 +185,6 @@ def test_nan_loss_stops_the_run_keeping_the_last_finite_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------- two processes (DDP, gloo)
-
-
-def run_ddp(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    command = [sys.executable, str(ROOT / "main.py"), "-t", "--no-test", *DDP, *args]
-    return subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def read_probes(folder: Path, start: int) -> list[dict]:
