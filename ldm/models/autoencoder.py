@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from ldm.checkpoint import CheckpointError, load_weights
+from ldm.checkpoint import filter_keys, load_strictly, read_state_dict
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import channels_first, instantiate_from_config
@@ -25,6 +25,10 @@ COMPAT_PARAMS: dict[str, str] = {}
 # The training loss's state (LPIPS, discriminator, logvar) that original first-stage files carry;
 # optional in a file either way, so inference models (`torch.nn.Identity` loss) load them too.
 LOSS_PREFIX = "loss."
+AUTOENCODER_LAYOUT = (
+    "AutoencoderKL's own keys (encoder.*, decoder.*, quant_conv.*, post_quant_conv.*); "
+    "ignore_keys: [prefix, ...] keeps weights under those prefixes as built"
+)
 # The SD autoencoder's base learning rate; main.py overrides it from the config.
 DEFAULT_LEARNING_RATE = 4.5e-6
 # Adam betas of the original autoencoder training (GAN practice).
@@ -72,18 +76,13 @@ class AutoencoderKL(pl.LightningModule):
         Every other weight must come from the file and every file key must fit the model,
         except the training loss's state (LOSS_PREFIX), which may be absent on either side.
         """
-        missing, unexpected = load_weights(
-            self, path, ignore_keys=ignore_keys, strict=False, unsafe_pickle=unsafe_pickle
-        )
-        skipped = tuple(ignore_keys) + (LOSS_PREFIX,)
-        missing = [k for k in missing if not k.startswith(skipped)]
-        unexpected = [k for k in unexpected if not k.startswith(LOSS_PREFIX)]
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path} does not fit AutoencoderKL (pass ignore_keys=[...] to skip prefixes): "
-                f"missing {len(missing)} {missing[:10]}, unexpected {len(unexpected)} "
-                f"{unexpected[:10]}"
-            )
+        state_dict = filter_keys(read_state_dict(path, unsafe_pickle=unsafe_pickle), ignore_keys)
+        expected = self.state_dict()
+        state_dict = {  # a loss state this model has no place for is left out
+            k: v for k, v in state_dict.items() if k in expected or not k.startswith(LOSS_PREFIX)
+        }
+        optional = [*ignore_keys, LOSS_PREFIX]
+        load_strictly(self, state_dict, str(path), optional, AUTOENCODER_LAYOUT)
         logger.info("AutoencoderKL: loaded %s", path)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
