@@ -27,6 +27,8 @@ from ldm.callbacks import (
     SkippedImagesReport,
 )
 from ldm.checkpoint import (
+    BEST_CHECKPOINT,
+    STEP_CHECKPOINT,
     UNSAFE_PICKLE_FLAG,
     CheckpointError,
     checkpoint_dir,
@@ -234,7 +236,7 @@ def checkpoint_callbacks(ckptdir: str, monitor, config: DictConfig, lightning_co
     keep = params.get("save_top_k", KEEP_CHECKPOINTS)
     steps = {
         "dirpath": ckptdir,
-        "filename": "{epoch:06}-{step:09}",
+        "filename": STEP_CHECKPOINT,
         "save_last": True,
         "every_n_train_steps": None,
         "monitor": "step",
@@ -245,7 +247,7 @@ def checkpoint_callbacks(ckptdir: str, monitor, config: DictConfig, lightning_co
     if monitor and keep != 0 and "validation" in config.get("data", {}).get("params", {}):
         best = ModelCheckpoint(
             dirpath=ckptdir,
-            filename="best-{epoch:06}-{step:09}",
+            filename=BEST_CHECKPOINT,
             monitor=monitor,
             mode="min",
             save_top_k=keep,

@@ -310,10 +310,14 @@ def swap_in_ema(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, bool]:
 # loaders and `-r` read it.
 #   <logdir>/configs/<now>-project.yaml     the merged config (what builds the model)
 #   <logdir>/configs/<now>-lightning.yaml   the `lightning:` section
-#   <logdir>/checkpoints/last.ckpt          the latest weights (plus step / best checkpoints)
+#   <logdir>/checkpoints/last.ckpt          the latest weights
+#   <logdir>/checkpoints/epoch=000001-step=000000120.ckpt   the last K steps' (STEP_CHECKPOINT)
+#   <logdir>/checkpoints/best-epoch=...-step=....ckpt       the best K by the model's monitor
 CONFIG_DIR = "configs"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+STEP_CHECKPOINT = "{epoch:06}-{step:09}"  # ModelCheckpoint's filename; it inserts "epoch="
+BEST_CHECKPOINT = f"best-{STEP_CHECKPOINT}"
 PROJECT_CONFIG = "-project.yaml"
 LIGHTNING_CONFIG = "-lightning.yaml"
 
@@ -331,6 +335,12 @@ def checkpoint_dir(logdir: str | os.PathLike) -> Path:
 def last_checkpoint(logdir: str | os.PathLike) -> Path:
     """A run's latest checkpoint, `-r`'s default."""
     return checkpoint_dir(logdir) / LAST_CHECKPOINT
+
+
+def step_checkpoints(logdir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of a run's step checkpoints (not last or best ones), by step."""
+    found = checkpoint_dir(logdir).glob("epoch=*-step=*.ckpt")
+    return sorted((int(path.stem.rsplit("step=", 1)[1]), path) for path in found)
 
 
 def config_names(now: str) -> tuple[str, str]:

@@ -149,17 +149,25 @@ def make_optimizer(config: Mapping | None, params: list[torch.nn.Parameter], lr:
 
 
 def reject_unsupported(where: str, options: Mapping[str, tuple[Any, Any]]) -> None:
-    """Raise NotImplementedError naming each option set to other than its one supported value.
+    """Raise NotImplementedError naming each option set to a value this code does not support.
 
-    `options` maps a name to (the value given, the value supported); None is supported only as
-    None, and a tensor (a mask, an x0) never counts as the default.
+    `options` maps a name to (the value given, what is supported): one value, or a frozenset
+    of them. None is supported only as None, and a tensor (a mask, an x0) never counts as the
+    default.
     """
 
     def supported(value: Any, default: Any) -> bool:
+        if isinstance(default, frozenset):
+            return value in default
         if default is None or isinstance(value, torch.Tensor):
             return value is None
         return value == default
 
-    bad = [f"{k}={v!r} (only {d!r})" for k, (v, d) in options.items() if not supported(v, d)]
+    def expected(default: Any) -> str:
+        return (
+            f"one of {sorted(default)}" if isinstance(default, frozenset) else f"only {default!r}"
+        )
+
+    bad = [f"{k}={v!r} ({expected(d)})" for k, (v, d) in options.items() if not supported(v, d)]
     if bad:
         raise NotImplementedError(f"{where}: {', '.join(bad)} not supported")

@@ -27,9 +27,9 @@ from ldm.callbacks import to_uint8_grid  # noqa: E402
 from ldm.checkpoint import (  # noqa: E402
     UNSAFE_PICKLE_FLAG,
     CheckpointError,
-    checkpoint_dir,
     run_files,
     saved_configs,
+    step_checkpoints,
 )
 from ldm.data.shapes_judge import accuracy, judge, prompt_grid, to_uint8  # noqa: E402
 from ldm.data.synthetic import SyntheticShapes  # noqa: E402
@@ -124,12 +124,11 @@ def score_checkpoint(opt, ckpt: Path | None, outdir: Path) -> dict:
 
 
 def training_curve(opt) -> list[dict]:
-    """Scores of every `epoch=...-step=...` checkpoint, with minutes since the run started."""
+    """Scores of every step checkpoint, with minutes since the run started."""
     logdir = Path(opt.logdir)
     started = min(p.stat().st_mtime for p in saved_configs(logdir))
     curve = []
-    for ckpt in sorted(checkpoint_dir(logdir).glob("epoch=*-step=*.ckpt")):
-        step = int(ckpt.stem.rsplit("step=", 1)[1])
+    for step, ckpt in step_checkpoints(logdir):
         minutes = round((ckpt.stat().st_mtime - started) / 60, 1)
         scores = score_checkpoint(opt, ckpt, Path(opt.outdir) / f"step-{step:06}")
         curve.append({"step": step, "minutes": minutes, **scores})

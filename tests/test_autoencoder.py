@@ -363,7 +363,7 @@ def test_ckpt_path_names_keys_that_do_not_fit(tmp_path):
     "ddconfig,error,message",
     [
         ({"attn_type": "bogus"}, ConfigError, "attn_type 'bogus'"),
-        ({"attn_type": "linear"}, NotImplementedError, "attn_type 'linear'"),
+        ({"attn_type": "linear"}, NotImplementedError, "attn_type='linear'"),
         ({"use_linear_attn": True}, NotImplementedError, "use_linear_attn"),
         ({"double_z": False}, ValueError, "double_z"),
     ],

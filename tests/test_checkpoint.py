@@ -9,10 +9,14 @@ import stat
 import pytest
 import torch
 from conftest import ROOT, load_config
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ldm.callbacks import AtomicCheckpointIO
 from ldm.checkpoint import (
+    BEST_CHECKPOINT,
     EMA_PREFIX,
+    STEP_CHECKPOINT,
     CheckpointError,
     config_dir,
     config_names,
@@ -25,9 +29,11 @@ from ldm.checkpoint import (
     run_configs,
     run_files,
     save_checkpoint,
+    step_checkpoints,
     swap_in_ema,
 )
 from ldm.inference import load_model
+from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.util import instantiate_from_config
 
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
@@ -64,6 +70,39 @@ def test_round_trip_reproduces_outputs_bit_for_bit(tmp_path, suffix):
     assert torch.equal(outputs(model), outputs(restored))
     for key, value in model.state_dict().items():
         assert torch.equal(value, restored.state_dict()[key]), key
+
+
+class WithHead(LatentDiffusion):
+    """A subclass that builds a module of its own after LatentDiffusion's, as inpainting does."""
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.head = torch.nn.Linear(2, 2)
+
+
+def test_ckpt_path_loads_after_the_outermost_constructor_has_built_everything(tmp_path):
+    params = OmegaConf.to_container(load_config("tiny/txt2img.yaml").model.params)
+    source = perturbed(WithHead(**params))
+    path = tmp_path / "with_head.safetensors"
+    save_checkpoint(source.state_dict(), path)
+    restored = WithHead(**params, ckpt_path=str(path), keep_ckpt_ema=True)
+    assert torch.equal(restored.head.weight, source.head.weight)
+    assert torch.equal(outputs(restored.eval()), outputs(source.eval()))
+
+
+def test_step_checkpoints_are_the_files_model_checkpoint_names_in_step_order(tmp_path):
+    names = ModelCheckpoint(filename=STEP_CHECKPOINT).format_checkpoint_name
+    best = ModelCheckpoint(filename=BEST_CHECKPOINT).format_checkpoint_name
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    steps = [(0, 999_999_999), (0, 10), (3, 1_000_000_000), (0, 9)]
+    for epoch, step in steps:
+        (folder / names({"epoch": epoch, "step": step})).touch()
+    (folder / best({"epoch": 0, "step": 10})).touch()
+    (folder / "last.ckpt").touch()
+    found = step_checkpoints(tmp_path)
+    assert [step for step, _ in found] == sorted(step for _, step in steps)
+    assert all(path.name.startswith("epoch=") for _, path in found)
 
 
 def test_ckpt_layout_is_nested_under_state_dict_and_safetensors_is_flat(tmp_path):

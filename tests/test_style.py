@@ -20,6 +20,9 @@ from ldm.modules.encoders import modules as encoders
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "ldm"
 MAX_LINES = 600
+MAX_MODEL_FILE_LINES = 450  # ldm/models/: the LightningModules stay readable in one sitting
+MAX_FUNCTION_LINES = 60
+MAX_CONSTRUCTOR_BODY_LINES = 40  # ldm/models/: constructors wire, helpers build
 
 
 def library_files() -> list[Path]:
@@ -31,6 +34,38 @@ def test_library_files_stay_small_and_print_free(path):
     text = path.read_text()
     assert len(text.splitlines()) <= MAX_LINES
     assert not re.search(r"^\s*print\(", text, re.M), "use logging, not print"
+
+
+def functions(path: Path) -> list[ast.FunctionDef]:
+    tree = ast.parse(path.read_text())
+    return [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+
+
+def body_lines(function: ast.FunctionDef, docstring: bool = False) -> int:
+    """Lines of the body, with or without its docstring; a signature of the original config's
+    params (DDPM has 40) does not count."""
+    body = function.body
+    has_docstring = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+    first = body[1] if has_docstring and len(body) > 1 and not docstring else body[0]
+    return function.end_lineno - first.lineno + 1
+
+
+@pytest.mark.parametrize("path", library_files(), ids=lambda p: str(p.relative_to(LIBRARY)))
+def test_functions_and_model_files_keep_the_house_sizes(path):
+    too_long = [
+        f"{f.name} ({body_lines(f, docstring=True)} lines)"
+        for f in functions(path)
+        if body_lines(f, docstring=True) > MAX_FUNCTION_LINES
+    ]
+    assert too_long == [], f"functions over {MAX_FUNCTION_LINES} lines"
+    if path.is_relative_to(LIBRARY / "models"):
+        assert len(path.read_text().splitlines()) <= MAX_MODEL_FILE_LINES
+        constructors = [
+            f"{f.name} ({body_lines(f)} lines)"
+            for f in functions(path)
+            if f.name == "__init__" and body_lines(f) > MAX_CONSTRUCTOR_BODY_LINES
+        ]
+        assert constructors == [], f"constructor bodies over {MAX_CONSTRUCTOR_BODY_LINES} lines"
 
 
 CONFIG_CLASSES = [

@@ -143,22 +143,22 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]
-        x_in = x
+        x_in = x  # (B, C, H, W)
         x = self.norm(x)
         if not self.use_linear:
-            x = self.proj_in(x)
-        x = rearrange(x, "b c h w -> b (h w) c")  # (B, H*W, C)
+            x = self.proj_in(x)  # (B, D, H, W), D = heads * d_head
+        x = rearrange(x, "b c h w -> b (h w) c")  # (B, H*W, D) or (B, H*W, C)
         if self.use_linear:
-            x = self.proj_in(x)
+            x = self.proj_in(x)  # (B, H*W, D)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context)  # (B, H*W, D), attending to context (B, L, D_ctx)
         if self.use_linear:
-            x = self.proj_out(x)
+            x = self.proj_out(x)  # (B, H*W, C)
         # (B, C, H, W) in the input's memory format: the permuted view is channels-last, and
         # a convolution handed one would copy its weight to that layout on every call.
         x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous(
             memory_format=memory_format(x_in)
         )
         if not self.use_linear:
-            x = self.proj_out(x)
+            x = self.proj_out(x)  # (B, C, H, W)
         return x + x_in

@@ -1,8 +1,9 @@
-"""DDPM and LatentDiffusion LightningModules: they wire the UNet, the process and the stages.
+"""DDPM, the LightningModule every diffusion model here builds on: UNet, schedule, loss, EMA.
 
-The math lives in `schedule.py`; these classes hold the networks, register the schedule
-buffers under their original names (they are part of SD checkpoints) and compute the loss.
-Ho et al. 2020 (DDPM); Rombach et al. 2022 (latent diffusion).
+The math lives in `schedule.py` and the loss in `loss.py`; DDPM holds the UNet, registers the
+schedule buffers under their original names (they are part of SD checkpoints), trains and
+samples. LatentDiffusion (`latent.py`) keeps its original path, `ldm.models.diffusion.ddpm`.
+Ho et al. 2020 (DDPM).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -24,24 +26,15 @@ from ldm.checkpoint import (
     unet_weights,
 )
 from ldm.models.diffusion import previews, sampling, schedule
-from ldm.models.diffusion.conditioning import (
-    CONTEXT_KEY,
-    MOMENTS_KEY,
-    drop_cached_context,
-    drop_conditioning,
-    parse_ucg_training,
-    resolve_conditioning_key,
-)
+from ldm.models.diffusion.conditioning import MOMENTS_KEY
 from ldm.models.diffusion.loss import DiffusionLoss, check_self_conditioning_channels
 from ldm.modules.acceleration import accelerate
-from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import (
     batch_item,
     channels_first,
     instantiate_from_config,
     make_optimizer,
-    to_plain,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,7 +45,7 @@ COMPAT_PARAMS = {
     "concat_mode": "only picks the default conditioning_key when none is given, as the original",
 }
 CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid")
-# The SD base learning rate; main.py overrides it from the config's base_learning_rate.
+# The SD base learning rate.
 DEFAULT_LEARNING_RATE = 1.0e-4
 
 
@@ -79,7 +72,29 @@ class DiffusionWrapper(nn.Module):
 EVAL_SEED = 1234
 
 
-class DDPM(pl.LightningModule):
+class WeightsSource(NamedTuple):
+    """Where a model's first weights come from: the config's ckpt_path and how to read it."""
+
+    path: str | None
+    ignore_keys: list[str]
+    only_unet: bool  # load_only_unet
+    keep_ema: bool  # keep_ckpt_ema
+
+
+class LoadsAfterConstruction(type(pl.LightningModule)):
+    """Loads the config's ckpt_path once the outermost constructor has returned.
+
+    Subclasses (LatentDiffusion, a model that adds inputs) build modules after DDPM.__init__;
+    loading only then gives every key of the file its place, in this one site for all of them.
+    """
+
+    def __call__(cls, *args, **kwargs):
+        model = super().__call__(*args, **kwargs)
+        model.load_initial_weights()
+        return model
+
+
+class DDPM(pl.LightningModule, metaclass=LoadsAfterConstruction):
     """Diffusion on pixels: `p_losses` trains the UNet to predict eps, x0 or v."""
 
     def __init__(
@@ -123,27 +138,20 @@ class DDPM(pl.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
-        if conditioning_key not in self.supported_conditioning:
-            raise NotImplementedError(
-                f"{type(self).__name__}: conditioning_key {conditioning_key!r} is not supported "
-                f"(supported: {self.supported_conditioning})"
-            )
-        betas = (
-            schedule.make_beta_schedule(
-                beta_schedule,
-                timesteps,
-                linear_start,
-                linear_end,
-                cosine_s,
-                sigmoid_start=sigmoid_start,
-                sigmoid_end=sigmoid_end,
-                sigmoid_tau=sigmoid_tau,
-            )
-            if given_betas is None
-            else torch.tensor(given_betas, dtype=torch.float64)
+        self.check_conditioning(conditioning_key)
+        betas = schedule.model_betas(
+            beta_schedule,
+            timesteps,
+            given_betas,
+            zero_terminal_snr,
+            parameterization,
+            linear_start=linear_start,
+            linear_end=linear_end,
+            cosine_s=cosine_s,
+            sigmoid_start=sigmoid_start,
+            sigmoid_end=sigmoid_end,
+            sigmoid_tau=sigmoid_tau,
         )
-        if zero_terminal_snr:
-            betas = schedule.zero_snr_betas(betas, parameterization)
         self.loss_fn = DiffusionLoss(
             betas,
             parameterization,
@@ -155,34 +163,52 @@ class DDPM(pl.LightningModule):
             offset_noise_strength,
             immiscible,
         )
-        self.parameterization, self.self_conditioning = parameterization, self_conditioning
-        self.first_stage_key, self.image_size, self.channels = first_stage_key, image_size, channels
-        self.monitor, self.scheduler_config = monitor, scheduler_config
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.monitor = monitor
+        self.scheduler_config = scheduler_config
         self.optimizer_config = optimizer_config
-        self.learning_rate = DEFAULT_LEARNING_RATE
-        if self_conditioning:
-            check_self_conditioning_channels(unet_config, channels, conditioning_key)
-        self.model = DiffusionWrapper(unet_config, conditioning_key)
-        accelerate(self.model.diffusion_model, "the UNet", channels_last, compile)
+        self.model = self.make_model(unet_config, conditioning_key, channels_last, compile)
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model)
-        # Sampling starts at t = T where the schedule reaches SNR 0 (Lin et al.'s "trailing").
-        self.timestep_spacing = "trailing" if zero_terminal_snr else "uniform"
+        self.timestep_spacing = "trailing" if zero_terminal_snr else "uniform"  # from SNR 0
         self.register_schedule(betas, v_posterior)
-        logvar = torch.full((self.num_timesteps,), float(logvar_init))
-        self.learn_logvar = learn_logvar
-        if learn_logvar:
-            self.logvar = nn.Parameter(logvar)
-        else:
-            self.register_buffer("logvar", logvar, persistent=False)
-        self.ignore_keys, self.load_only_unet = list(ignore_keys), load_only_unet
-        self.keep_ckpt_ema = keep_ckpt_ema
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path)
+        self.register_logvar(logvar_init, learn_logvar)
+        self.weights = WeightsSource(ckpt_path, list(ignore_keys), load_only_unet, keep_ckpt_ema)
 
     # The conditioning_key values this class trains and samples with end to end.
     supported_conditioning = (None,)
+    # main.py sets it from the config's base_learning_rate.
+    learning_rate = DEFAULT_LEARNING_RATE
+
+    @property
+    def parameterization(self) -> str:
+        """What the UNet predicts: eps, x0 or v."""
+        return self.loss_fn.parameterization
+
+    @property
+    def self_conditioning(self) -> bool:
+        """Whether the UNet takes an x0 estimate as extra input channels (Chen et al. 2022)."""
+        return self.loss_fn.self_conditioning
+
+    def check_conditioning(self, conditioning_key: str | None) -> None:
+        if conditioning_key not in self.supported_conditioning:
+            raise NotImplementedError(
+                f"{type(self).__name__}: conditioning_key {conditioning_key!r} is not supported "
+                f"(supported: {self.supported_conditioning})"
+            )
+
+    def make_model(
+        self, unet_config: Mapping, conditioning_key: str | None, channels_last: bool, compile: bool
+    ) -> DiffusionWrapper:
+        """The UNet, wrapped under the checkpoint's `model.diffusion_model.` prefix."""
+        if self.self_conditioning:
+            check_self_conditioning_channels(unet_config, self.channels, conditioning_key)
+        model = DiffusionWrapper(unet_config, conditioning_key)
+        accelerate(model.diffusion_model, "the UNet", channels_last, compile)
+        return model
 
     def register_schedule(self, betas: torch.Tensor, v_posterior: float = 0.0) -> None:
         """Register the schedule buffers (original names, float32) computed from float64 betas."""
@@ -191,6 +217,20 @@ class DDPM(pl.LightningModule):
         for name, value in buffers.items():
             self.register_buffer(name, value.float())
         self.schedule_keys = list(buffers)
+
+    def register_logvar(self, logvar_init: float, learn_logvar: bool) -> None:
+        """logvar (T,): the per-timestep log variance of the loss, a parameter when learned."""
+        logvar = torch.full((self.num_timesteps,), float(logvar_init))
+        self.learn_logvar = learn_logvar
+        if learn_logvar:
+            self.logvar = nn.Parameter(logvar)
+        else:
+            self.register_buffer("logvar", logvar, persistent=False)
+
+    def load_initial_weights(self) -> None:
+        """Load the config's ckpt_path, if any; `LoadsAfterConstruction` calls it."""
+        if self.weights.path is not None:
+            self.init_from_ckpt(self.weights.path)
 
     def init_from_ckpt(
         self,
@@ -207,8 +247,8 @@ class DDPM(pl.LightningModule):
         values); with `only_model` (load_only_unet) only the UNet is taken. The EMA restarts
         from the loaded weights (num_updates 0), unless keep_ckpt_ema keeps the file's own.
         """
-        ignore_keys = self.ignore_keys if ignore_keys is None else list(ignore_keys)
-        only_model = self.load_only_unet if only_model is None else only_model
+        ignore_keys = self.weights.ignore_keys if ignore_keys is None else list(ignore_keys)
+        only_model = self.weights.only_unet if only_model is None else only_model
         state_dict = filter_keys(read_state_dict(path, unsafe_pickle=unsafe_pickle), ignore_keys)
         if only_model:
             target, state_dict = self.model, unet_weights(state_dict)
@@ -228,7 +268,7 @@ class DDPM(pl.LightningModule):
         """Restart the EMA from the loaded weights, unless keep_ckpt_ema and the file has one."""
         if not self.use_ema:
             return
-        if self.keep_ckpt_ema and any(k.startswith(EMA_PREFIX) for k in loaded):
+        if self.weights.keep_ema and any(k.startswith(EMA_PREFIX) for k in loaded):
             logger.info("%s: keeping its EMA (num_updates %d)", path, self.model_ema.num_updates)
             return
         self.model_ema.reset_from(self.model)
@@ -341,30 +381,22 @@ class DDPM(pl.LightningModule):
         steps: int = 50,
         guidance_scale: float = 1.0,
         uncond=None,
-        eta: float = 0.0,
-        x_T: torch.Tensor | None = None,
-        generator=None,
-        disable: bool = True,
-        guidance_rescale: float = 0.0,
-        sampler: str = "ddim",
+        **options,
     ) -> torch.Tensor:
-        """Samples (B, channels, image_size, image_size) by `sampler`; guided when uncond is set.
+        """Samples (B, channels, image_size, image_size); guided when uncond is set.
 
-        For LatentDiffusion these are latents, to decode with `decode_first_stage`.
+        `options` are `sampling.sample`'s: sampler (ddim, plms, dpm), eta, x_T, generator,
+        guidance_rescale, disable. For LatentDiffusion these are latents, to decode with
+        `decode_first_stage`.
         """
         return sampling.sample(
             self,
             cond,
             uncond,
-            sampler=sampler,
             steps=steps,
             guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            eta=eta,
-            x_T=x_T,
             batch_size=batch_size,
-            generator=generator,
-            disable=disable,
+            **options,
         )
 
     @torch.no_grad()
@@ -388,178 +420,11 @@ class DDPM(pl.LightningModule):
         return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
 
 
-def frozen(module: nn.Module) -> nn.Module:
-    """`module` in eval mode with gradients off (LatentDiffusion.train keeps it in eval)."""
-    module.eval()
-    module.requires_grad_(False)
-    return module
+def __getattr__(name: str):
+    """`ldm.models.diffusion.ddpm.LatentDiffusion`, the configs' target, from `latent.py`
+    (imported on first use: latent.py builds on DDPM, so it cannot be imported above)."""
+    if name == "LatentDiffusion":
+        from ldm.models.diffusion.latent import LatentDiffusion
 
-
-class LatentDiffusion(DDPM):
-    """Diffusion in the latent space of a frozen autoencoder, conditioned by a text encoder."""
-
-    def __init__(
-        self,
-        first_stage_config: Mapping,
-        cond_stage_config: Mapping | str,
-        num_timesteps_cond: int | None = None,
-        cond_stage_key: str = "image",
-        cond_stage_trainable: bool = False,
-        concat_mode: bool = True,
-        cond_stage_forward: str | None = None,
-        conditioning_key: str | None = None,
-        scale_factor: float = 1.0,
-        scale_by_std: bool = False,
-        ucg_training: Mapping | None = None,
-        ckpt_path: str | None = None,
-        ignore_keys: list[str] = (),
-        load_only_unet: bool = False,
-        **ddpm_params,
-    ):
-        if (num_timesteps_cond or 1) != 1:
-            raise NotImplementedError("LatentDiffusion: num_timesteps_cond > 1 is not supported")
-        key = resolve_conditioning_key(cond_stage_config, conditioning_key, concat_mode)
-        super().__init__(
-            conditioning_key=key,
-            ignore_keys=ignore_keys,
-            load_only_unet=load_only_unet,
-            **ddpm_params,
-        )
-        self.cond_stage_key, self.cond_stage_forward = cond_stage_key, cond_stage_forward
-        self.cond_stage_trainable = cond_stage_trainable
-        self.ucg_training = parse_ucg_training(ucg_training)
-        self.constant_contexts: dict[str, torch.Tensor] = {}  # see constant_context
-        self.scale_by_std = scale_by_std
-        self._rescale_pending = scale_by_std  # until measured, or loaded from a checkpoint
-        if scale_by_std:
-            self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
-        else:
-            self.scale_factor = scale_factor
-        # What decides a latent cache's contents besides the weights (ldm/data/cache.py).
-        self.cache_identity = {
-            "first_stage": to_plain(first_stage_config),
-            "cond_stage": to_plain(cond_stage_config),
-            "keys": [self.first_stage_key, cond_stage_key, cond_stage_forward],
-        }
-        self.first_stage_model = frozen(instantiate_from_config(first_stage_config))
-        self.cond_stage_model = self.make_cond_stage(cond_stage_config)
-        if ckpt_path is not None:  # last, so every module and buffer exists (unlike the original)
-            self.init_from_ckpt(ckpt_path)
-
-    # Concat and hybrid conditioning (SD's inpainting and upscaling models) are not built yet.
-    supported_conditioning = (None, "crossattn")
-
-    def after_loading(self, loaded: set[str], path) -> None:
-        super().after_loading(loaded, path)
-        if "scale_factor" in loaded:  # the file's, kept: fine-tunes keep their latent scale
-            self._rescale_pending = False
-
-    def make_cond_stage(self, config: Mapping | str) -> nn.Module | None:
-        model = instantiate_from_config(config)
-        if model is None or not self.cond_stage_trainable:
-            return model if model is None else frozen(model)
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError(
-                f"cond_stage_trainable: true, but the condition stage {type(model).__name__} "
-                "is frozen, so nothing of it would train: set cond_stage_config.params.freeze: "
-                "false, or cond_stage_trainable: false"
-            )
-        return model
-
-    def train(self, mode: bool = True) -> LatentDiffusion:
-        """Train the UNet; the frozen stages stay in eval mode (no dropout, fixed norms)."""
-        super().train(mode)
-        self.first_stage_model.eval()
-        if self.cond_stage_model is not None and not self.cond_stage_trainable:
-            self.cond_stage_model.eval()
-        return self
-
-    def get_learned_conditioning(self, c):
-        """Encode raw conditioning (e.g. a list of captions) with the condition stage."""
-        model = self.cond_stage_model
-        if self.cond_stage_forward is not None:
-            return getattr(model, self.cond_stage_forward)(c)
-        if callable(getattr(model, "encode", None)):
-            c = model.encode(c)
-            return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
-        return model(c)
-
-    def encode_first_stage(self, x: torch.Tensor):
-        """Images (B, 3, H, W) to the first stage's posterior over latents."""
-        return self.first_stage_model.encode(x)
-
-    def get_first_stage_encoding(self, posterior) -> torch.Tensor:
-        """A latent sample, scaled by scale_factor to roughly unit variance."""
-        z = posterior.sample() if isinstance(posterior, DiagonalGaussianDistribution) else posterior
-        return self.scale_factor * z
-
-    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, 4, h, w) back to images (B, 3, 8h, 8w)."""
-        return self.first_stage_model.decode(z / self.scale_factor)
-
-    def first_stage_posterior(self, batch: Mapping, key: str | None = None):
-        """The posterior over the batch's latents: encoded, or read from a latent cache."""
-        if MOMENTS_KEY in batch:
-            return DiagonalGaussianDistribution(batch[MOMENTS_KEY])
-        with torch.no_grad():
-            return self.encode_first_stage(self.batch_images(batch, key))
-
-    def get_input(self, batch: Mapping, key: str | None = None) -> tuple[torch.Tensor, object]:
-        """(z, c): scaled first-stage latents and the conditioning (encoded unless trainable).
-
-        A batch from a latent cache carries the posterior and the text encoder's output; the
-        captions it drops for classifier-free guidance then get the cached `val`'s context.
-        """
-        z = self.get_first_stage_encoding(self.first_stage_posterior(batch, key))
-        if self.cond_stage_model is None:
-            return z, None
-        c = batch_item(batch, self.cond_stage_key)
-        ucg = self.ucg_training.get(self.cond_stage_key) if self.training else None
-        if CONTEXT_KEY in batch and not self.cond_stage_trainable:
-            c = batch[CONTEXT_KEY]
-            if ucg is not None:
-                c = drop_cached_context(c, ucg["p"], self.constant_context(ucg["val"]))
-            return z, c
-        if ucg is not None:
-            c = drop_conditioning(c, **ucg)
-        if not self.cond_stage_trainable:
-            with torch.no_grad():
-                c = self.get_learned_conditioning(c)
-        return z, c
-
-    @torch.no_grad()
-    def constant_context(self, caption: str) -> torch.Tensor:
-        """The frozen text encoder's (1, L, D) output for one caption, computed once."""
-        if caption not in self.constant_contexts:
-            self.constant_contexts[caption] = self.get_learned_conditioning([caption])
-        return self.constant_contexts[caption]
-
-    def forward(self, z: torch.Tensor, c, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
-        if self.cond_stage_trainable and c is not None:  # encoded here, with gradients
-            c = self.get_learned_conditioning(c)
-        return super().forward(z, c, prefix)
-
-    @torch.no_grad()
-    def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
-        """With scale_by_std, set scale_factor = 1 / std of the first batch's latents."""
-        if not (self._rescale_pending and self.global_step == 0 and batch_idx == 0):
-            return
-        std = self.first_stage_posterior(batch).sample().flatten().std()
-        if self._trainer is not None:
-            std = self.trainer.strategy.reduce(std, reduce_op="mean")
-        self.scale_factor.fill_(1.0 / std)
-        self._rescale_pending = False
-        logger.info("scale_by_std: scale_factor set to %.5f", self.scale_factor.item())
-
-    @torch.no_grad()
-    def log_images(
-        self, batch: Mapping, n: int = 8, steps: int = 20, guidance_scale: float = 3.0
-    ) -> dict[str, object]:
-        """Inputs, reconstructions and EMA samples for the ImageLogger (`previews.py`)."""
-        return previews.latent_previews(self, batch, n, steps, guidance_scale)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        params = super().trainable_parameters()
-        if self.cond_stage_trainable and self.cond_stage_model is not None:
-            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
-        return params
+        return LatentDiffusion
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -89,8 +89,8 @@ def cfg_eps_fn(model, cond, uncond, scale: float, rescale: float = 0.0) -> EpsFn
     predict = prediction_fn(model, cat_cond(uncond, cond))
 
     def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        pred_u, pred_c = predict(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
-        guided = pred_u + scale * (pred_c - pred_u)
+        pred_u, pred_c = predict(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)  # (B, C, H, W)
+        guided = pred_u + scale * (pred_c - pred_u)  # (B, C, H, W)
         if rescale:
             guided = rescale_guidance(guided, pred_c, rescale)
         return eps_from_prediction(model.parameterization, x_t, t, guided, model.alphas_cumprod)

@@ -97,9 +97,9 @@ class DiffusionLoss:
             with torch.no_grad():  # a first pass's x0 estimate, as a detached extra input
                 first = predict(x_t, t, None)
                 self_cond = schedule.x0_from_prediction(self.parameterization, x_t, t, first, ac)
-        prediction = predict(x_t, t, self_cond)
-        target = schedule.training_target(self.parameterization, x0, t, noise, ac)
-        loss_simple = self.error(prediction, target, reduction="none")
+        prediction = predict(x_t, t, self_cond)  # (B, C, ...)
+        target = schedule.training_target(self.parameterization, x0, t, noise, ac)  # eps, x0, v
+        loss_simple = self.error(prediction, target, reduction="none")  # (B, C, ...)
         loss_simple = loss_simple.mean(dim=tuple(range(1, x0.ndim)))  # (B,)
         logvar_t = torch.zeros_like(loss_simple) if logvar is None else logvar[t]  # (B,)
         weighted = self.table("snr", t.device)[t] * loss_simple  # Min-SNR-gamma, or 1

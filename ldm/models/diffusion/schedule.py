@@ -91,6 +91,24 @@ def zero_snr_betas(betas: torch.Tensor, parameterization: str) -> torch.Tensor:
     return rescale_zero_terminal_snr(betas)
 
 
+def model_betas(
+    beta_schedule: str,
+    timesteps: int,
+    given_betas: list[float] | None = None,
+    zero_terminal_snr: bool = False,
+    parameterization: str = "eps",
+    **shape: float,
+) -> torch.Tensor:
+    """(timesteps,) float64 betas of a model config: `given_betas`, else `make_beta_schedule`
+    of the schedule and its `shape` params; rescaled to SNR 0 at t = T with zero_terminal_snr."""
+    betas = (
+        make_beta_schedule(beta_schedule, timesteps, **shape)
+        if given_betas is None
+        else torch.tensor(given_betas, dtype=torch.float64)
+    )
+    return zero_snr_betas(betas, parameterization) if zero_terminal_snr else betas
+
+
 def schedule_buffers(betas: torch.Tensor, v_posterior: float = 0.0) -> dict[str, torch.Tensor]:
     """The original LatentDiffusion schedule buffers, by name, from betas (Ho et al. 2020)."""
     alphas = 1 - betas

@@ -128,13 +128,15 @@ def make_attn(channels: int, attn_type: str) -> nn.Module:
 
 def check_attn(use_linear_attn: bool, attn_type: str) -> None:
     """Reject the attention options this implementation does not have, naming the key."""
-    reject_unsupported("ddconfig", {"use_linear_attn": (use_linear_attn, False)})
-    if attn_type in UNBUILT_ATTN_TYPES:
-        raise NotImplementedError(
-            f"ddconfig.attn_type {attn_type!r} is not supported; use one of {ATTN_TYPES}"
-        )
-    if attn_type not in ATTN_TYPES:
+    if attn_type not in (*ATTN_TYPES, *UNBUILT_ATTN_TYPES):
         raise ConfigError(f"ddconfig.attn_type {attn_type!r} is unknown; use one of {ATTN_TYPES}")
+    reject_unsupported(
+        "ddconfig",
+        {
+            "use_linear_attn": (use_linear_attn, False),
+            "attn_type": (attn_type, frozenset(ATTN_TYPES)),
+        },
+    )
 
 
 def make_mid(channels: int, dropout: float, attn_type: str) -> nn.Module:

@@ -304,12 +304,12 @@ class UNetModel(nn.Module):
     ) -> torch.Tensor:
         if y is not None:
             raise ValueError("UNetModel: class labels `y` need num_classes, which is not supported")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))  # (B, 4*mc)
-        skips, h = [], x
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))  # (B, 4 mc)
+        skips, h = [], x  # x: (B, C_in, H, W)
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, emb, context)  # (B, mc * mult, H / 2^level, W / 2^level)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context)  # (B, mc * mult[-1], H / 2^L, W / 2^L)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, H, W)
-        return self.out(h)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # up to (B, mc, H, W)
+        return self.out(h)  # (B, C_out, H, W)
