@@ -104,7 +104,11 @@ def get_parser() -> argparse.ArgumentParser:
     )
     add("-d", "--debug", action="store_true", help="put the log dir under logdir/debug_runs")
     add("--no-test", action="store_true", help="skip testing after training")
-    add("--finetune_from", default="", help="initialise weights (only) from a .ckpt/.safetensors")
+    add(
+        "--finetune_from",
+        default="",
+        help="initialise weights (only) from a .ckpt/.safetensors or a diffusers folder",
+    )
     add(
         UNSAFE_PICKLE_FLAG,
         action="store_true",
@@ -288,6 +292,19 @@ def finetune_from(model, path: str, unsafe_pickle: bool = False) -> None:
     logger.info("fine-tuning from %s", path)
 
 
+def build_model(config: DictConfig, opt: argparse.Namespace):
+    """The config's model, with --finetune_from's weights. A LoRA fine-tune takes them as the
+    config's ckpt_path, so that the saved config names the base its adapter checkpoints (which
+    leave the frozen base out) resume on and sample with."""
+    if opt.finetune_from and config.model.get("params", {}).get("lora_config") is not None:
+        config.model.params.ckpt_path = os.path.abspath(opt.finetune_from)
+        return instantiate_from_config(config.model)
+    model = instantiate_from_config(config.model)
+    if opt.finetune_from:
+        finetune_from(model, opt.finetune_from, opt.unsafe_pickle)
+    return model
+
+
 def main(argv: list[str] | None = None) -> pl.Trainer:
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
@@ -302,9 +319,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     # The run's seed builds the model (the same weights on every rank) and orders the data;
     # RNGStateCallback then gives each rank its own stream, derived from it and the rank.
     pl.seed_everything(config.seed, workers=True)
-    model = instantiate_from_config(config.model)
-    if opt.finetune_from:
-        finetune_from(model, opt.finetune_from, opt.unsafe_pickle)
+    model = build_model(config, opt)
     if "data" not in config:
         raise ConfigError("the merged config has no `data:` section to train on")
     data = instantiate_from_config(config.data)

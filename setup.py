@@ -23,5 +23,5 @@ setup(
         "Pillow",
         "numpy",
     ],
-    extras_require={"test": ["pytest", "diffusers>=0.35", "lpips", "ruff"]},
+    extras_require={"test": ["pytest", "diffusers>=0.35", "peft", "lpips", "ruff"]},
 )

@@ -20,7 +20,8 @@ from torch import nn
 # Keys that original SD files carry and current libraries no longer keep in their state dicts.
 LEGACY_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 EMA_PREFIX = "model_ema."  # LitEma's buffers in a LatentDiffusion state dict
-MODEL_PREFIX = "model."  # the weights LitEma tracks (DiffusionWrapper's)
+MODEL_PREFIX = "model."  # the weights LitEma tracks (DiffusionWrapper's)...
+LORA_PREFIX = "lora."  # ...or, in a LoRA fine-tune, the adapters' (kohya names below it)
 # The command-line flag of every entry point that passes unsafe_pickle=True; errors name it.
 UNSAFE_PICKLE_FLAG = "--unsafe_pickle"
 # How torch's weights-only unpickler names the class or function it refused to import.
@@ -34,6 +35,11 @@ class CheckpointError(RuntimeError):
 def read_state_dict(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict:
     """The flat tensor dict of a .safetensors or .ckpt file (its "state_dict" when nested)."""
     path = Path(path)
+    if is_diffusers_folder(path):
+        raise CheckpointError(
+            f"{path} is a diffusers folder: its weights are converted for the model they go "
+            "into (ldm.diffusers_layout.read_weights(path, model))"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
@@ -48,6 +54,20 @@ def read_state_dict(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> 
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors or a dict with 'state_dict'")
     return dict(state_dict)
+
+
+# The subfolders of a diffusers pipeline that hold SD's networks (diffusers' own names).
+DIFFUSERS_SUBFOLDERS = ("unet", "vae", "text_encoder")
+
+
+def is_diffusers_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory as diffusers saves one: a pipeline (model_index.json, or
+    unet/, vae/, text_encoder/ with a config.json) or a single model (a config.json on top)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    configs = [path / "config.json", *(path / sub / "config.json" for sub in DIFFUSERS_SUBFOLDERS)]
+    return (path / "model_index.json").is_file() or any(c.is_file() for c in configs)
 
 
 def load_torch_file(
@@ -140,8 +160,8 @@ LAYOUTS = (
     ("text_model.", "a text encoder alone"),
 )
 DIFFUSERS_HINT = (
-    "diffusers-format models are not read yet: convert it to one original-layout file first "
-    "(diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py)"
+    "give the diffusers folder itself (the directory with unet/, vae/, text_encoder/), not a "
+    "file in it: the folder is converted to the original layout as it loads"
 )
 
 
@@ -291,16 +311,24 @@ def ema_buffer_name(name: str) -> str:
 
 
 def ema_key(key: str) -> str:
-    """The state-dict key of the EMA copy of the `model.*` weight `key`."""
-    return EMA_PREFIX + ema_buffer_name(key.removeprefix(MODEL_PREFIX))
+    """The state-dict key of the EMA copy of the `model.*` (or `lora.*`) weight `key`."""
+    module_key = key.removeprefix(LORA_PREFIX if key.startswith(LORA_PREFIX) else MODEL_PREFIX)
+    return EMA_PREFIX + ema_buffer_name(module_key)
+
+
+def is_adapter_checkpoint(state_dict: Mapping) -> bool:
+    """Whether a state dict is a LoRA run's: adapters (`lora.*`), and no base weights."""
+    keys = list(state_dict)
+    has_base = any(k.startswith(MODEL_PREFIX) for k in keys)
+    return not has_base and any(k.startswith(LORA_PREFIX) for k in keys)
 
 
 def swap_in_ema(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, bool]:
-    """(state dict with the EMA copy in place of the `model.*` weights and no `model_ema.*`,
+    """(state dict with the EMA copy in place of the weights it follows and no `model_ema.*`,
     whether there was an EMA copy to swap in)."""
     has_ema = any(k.startswith(EMA_PREFIX) for k in state_dict)
     swapped = {
-        k: state_dict.get(ema_key(k), v) if k.startswith(MODEL_PREFIX) else v
+        k: state_dict.get(ema_key(k), v) if k.startswith((MODEL_PREFIX, LORA_PREFIX)) else v
         for k, v in filter_keys(state_dict, [EMA_PREFIX]).items()
     }
     return swapped, has_ema
@@ -362,15 +390,18 @@ def saved_configs(logdir: str | os.PathLike) -> list[Path]:
 def run_files(path: str | os.PathLike) -> tuple[list[Path], Path]:
     """(saved configs, checkpoint) of a `main.py` log dir, or of a checkpoint inside one.
 
-    The config list is empty when `path` is a checkpoint outside any log dir.
+    The config list is empty when `path` is a checkpoint outside any log dir or a diffusers
+    folder.
     """
     path = Path(path)
+    if is_diffusers_folder(path):  # weights only; the caller gives the config
+        return [], path
     if path.is_dir():
         configs = run_configs(path)
         if not configs:
             raise CheckpointError(
                 f"{path} is a directory without {CONFIG_DIR}/*{PROJECT_CONFIG}; "
-                "is it a main.py log dir?"
+                "is it a main.py log dir (or a diffusers folder: model_index.json, unet/...)?"
             )
         return configs, last_checkpoint(path)
     if path.parent.name == CHECKPOINT_DIR:

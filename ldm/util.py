@@ -133,11 +133,15 @@ def channels_first(images: torch.Tensor) -> torch.Tensor:
     return rearrange(images, "b h w c -> b c h w").contiguous().float()
 
 
-def make_optimizer(config: Mapping | None, params: list[torch.nn.Parameter], lr: float):
+def make_optimizer(config: Mapping | None, params: list, lr: float):
     """AdamW at `lr` (fused where torch has the kernel: a few times faster than the per-tensor
-    default for a many-tensor UNet), or the class `config` names (`target`, `params`) at `lr`."""
+    default for a many-tensor UNet), or the class `config` names (`target`, `params`) at `lr`.
+
+    `params`: parameters, or parameter groups ({"params": [...], "lr": ...}) as torch takes them.
+    """
     if config is None:
-        fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+        tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+        fused = bool(tensors) and all(t.device.type in ("cpu", "cuda") for t in tensors)
         return torch.optim.AdamW(params, lr=lr, fused=fused or None)
     target = config.get("target") if isinstance(config, Mapping) else None
     if target is None:

@@ -21,6 +21,7 @@ from torchvision.utils import make_grid
 
 from ldm import inference
 from ldm.checkpoint import UNSAFE_PICKLE_FLAG, run_files
+from ldm.models.diffusion import adapters
 from ldm.modules.acceleration import compile_forward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,24 @@ def add_common_args(parser: argparse.ArgumentParser, outdir: str, n_samples: int
         action="store_true",
         help="unpickle objects in a .ckpt (runs their code: only for files you trust)",
     )
+    add_lora_arg(parser)
+
+
+def add_lora_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=adapters.parse_lora_arg,
+        metavar="FILE[:SCALE]",
+        help="merge a LoRA file in the kohya / AUTOMATIC1111 layout into the model, SCALE times "
+        "(default 1); repeatable",
+    )
+
+
+def merge_lora_files(model, loras: list[tuple[str, float]]) -> None:
+    for path, scale in loras:
+        adapters.load_lora_file(model, path, scale)
 
 
 def setup(opt, script: str):
@@ -92,6 +111,7 @@ def setup(opt, script: str):
         model, _ = inference.load_model(
             opt.ckpt, config, use_ema=opt.use_ema, device=device, unsafe_pickle=opt.unsafe_pickle
         )
+        merge_lora_files(model, opt.lora)
         prepare_for_precision(model, opt.precision, device)
         if opt.compile:
             compile_forward(model.model.diffusion_model, "the UNet")

@@ -14,7 +14,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from ldm.checkpoint import filter_keys, load_strictly, read_state_dict
+from ldm.checkpoint import filter_keys, load_strictly
+from ldm.diffusers_layout import read_weights
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import channels_first, instantiate_from_config
@@ -76,7 +77,7 @@ class AutoencoderKL(pl.LightningModule):
         Every other weight must come from the file and every file key must fit the model,
         except the training loss's state (LOSS_PREFIX), which may be absent on either side.
         """
-        state_dict = filter_keys(read_state_dict(path, unsafe_pickle=unsafe_pickle), ignore_keys)
+        state_dict = filter_keys(read_weights(path, self, unsafe_pickle=unsafe_pickle), ignore_keys)
         expected = self.state_dict()
         state_dict = {  # a loss state this model has no place for is left out
             k: v for k, v in state_dict.items() if k in expected or not k.startswith(LOSS_PREFIX)

@@ -22,9 +22,9 @@ from ldm.checkpoint import (
     ORIGINAL_LAYOUT,
     filter_keys,
     load_strictly,
-    read_state_dict,
     unet_weights,
 )
+from ldm.diffusers_layout import read_weights
 from ldm.models.diffusion import previews, sampling, schedule
 from ldm.models.diffusion.conditioning import MOMENTS_KEY
 from ldm.models.diffusion.loss import DiffusionLoss, check_self_conditioning_channels
@@ -81,20 +81,21 @@ class WeightsSource(NamedTuple):
     keep_ema: bool  # keep_ckpt_ema
 
 
-class LoadsAfterConstruction(type(pl.LightningModule)):
-    """Loads the config's ckpt_path once the outermost constructor has returned.
+class BuildsThenLoads(type(pl.LightningModule)):
+    """Calls `after_construction` once the outermost constructor has returned.
 
-    Subclasses (LatentDiffusion, a model that adds inputs) build modules after DDPM.__init__;
-    loading only then gives every key of the file its place, in this one site for all of them.
+    Subclasses (LatentDiffusion, adapters, a model that adds inputs) build modules after
+    DDPM.__init__; only then is it known what trains (the EMA's subject) and does every key of
+    the config's ckpt_path have its place. One site for all of them.
     """
 
     def __call__(cls, *args, **kwargs):
         model = super().__call__(*args, **kwargs)
-        model.load_initial_weights()
+        model.after_construction()
         return model
 
 
-class DDPM(pl.LightningModule, metaclass=LoadsAfterConstruction):
+class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
     """Diffusion on pixels: `p_losses` trains the UNet to predict eps, x0 or v."""
 
     def __init__(
@@ -170,9 +171,7 @@ class DDPM(pl.LightningModule, metaclass=LoadsAfterConstruction):
         self.scheduler_config = scheduler_config
         self.optimizer_config = optimizer_config
         self.model = self.make_model(unet_config, conditioning_key, channels_last, compile)
-        self.use_ema = use_ema
-        if use_ema:
-            self.model_ema = LitEma(self.model)
+        self.use_ema = use_ema  # the EMA is built after construction: `after_construction`
         self.timestep_spacing = "trailing" if zero_terminal_snr else "uniform"  # from SNR 0
         self.register_schedule(betas, v_posterior)
         self.register_logvar(logvar_init, learn_logvar)
@@ -227,10 +226,16 @@ class DDPM(pl.LightningModule, metaclass=LoadsAfterConstruction):
         else:
             self.register_buffer("logvar", logvar, persistent=False)
 
-    def load_initial_weights(self) -> None:
-        """Load the config's ckpt_path, if any; `LoadsAfterConstruction` calls it."""
+    def after_construction(self) -> None:
+        """The EMA of what trains, then the config's ckpt_path; `BuildsThenLoads` calls it."""
+        if self.use_ema:
+            self.model_ema = LitEma(self.ema_target())
         if self.weights.path is not None:
             self.init_from_ckpt(self.weights.path)
+
+    def ema_target(self) -> nn.Module:
+        """The module whose trainable weights the EMA follows: the UNet (DiffusionWrapper)."""
+        return self.model
 
     def init_from_ckpt(
         self,
@@ -246,10 +251,12 @@ class DDPM(pl.LightningModule, metaclass=LoadsAfterConstruction):
         (`computed_keys`) and what starts with an `ignore_keys` prefix (those keep their built
         values); with `only_model` (load_only_unet) only the UNet is taken. The EMA restarts
         from the loaded weights (num_updates 0), unless keep_ckpt_ema keeps the file's own.
+        `path` may be a diffusers folder, converted to this model's keys (`diffusers_layout`).
         """
         ignore_keys = self.weights.ignore_keys if ignore_keys is None else list(ignore_keys)
         only_model = self.weights.only_unet if only_model is None else only_model
-        state_dict = filter_keys(read_state_dict(path, unsafe_pickle=unsafe_pickle), ignore_keys)
+        state_dict = read_weights(path, self, only_unet=only_model, unsafe_pickle=unsafe_pickle)
+        state_dict = filter_keys(state_dict, [*ignore_keys, *self.keys_without_place()])
         if only_model:
             target, state_dict = self.model, unet_weights(state_dict)
             expected = "a UNet: an original SD file's model.diffusion_model.* or diffusion_model.*"
@@ -258,6 +265,10 @@ class DDPM(pl.LightningModule, metaclass=LoadsAfterConstruction):
         optional = ignore_keys if only_model else [*ignore_keys, *self.computed_keys()]
         loaded = load_strictly(target, state_dict, str(path), optional, expected)
         self.after_loading(loaded if target is self else set(), path)
+
+    def keys_without_place(self) -> list[str]:
+        """Prefixes of a file's keys that this model leaves out on purpose (none here)."""
+        return []
 
     def computed_keys(self) -> list[str]:
         """Keys a file may lack: the schedule (built from the config), the EMA (restarted) and
@@ -271,7 +282,7 @@ class DDPM(pl.LightningModule, metaclass=LoadsAfterConstruction):
         if self.weights.keep_ema and any(k.startswith(EMA_PREFIX) for k in loaded):
             logger.info("%s: keeping its EMA (num_updates %d)", path, self.model_ema.num_updates)
             return
-        self.model_ema.reset_from(self.model)
+        self.model_ema.reset_from(self.ema_target())
         logger.info("%s: the EMA starts from the loaded weights", path)
 
     @contextmanager
@@ -280,14 +291,15 @@ class DDPM(pl.LightningModule, metaclass=LoadsAfterConstruction):
         if not self.use_ema:
             yield
             return
-        self.model_ema.store(self.model.parameters())
-        self.model_ema.copy_to(self.model)
+        target = self.ema_target()
+        self.model_ema.store(target.parameters())
+        self.model_ema.copy_to(target)
         if context:
             logger.info("%s: switched to EMA weights", context)
         try:
             yield
         finally:
-            self.model_ema.restore(self.model.parameters())
+            self.model_ema.restore(target.parameters())
 
     def batch_images(self, batch: Mapping, key: str | None = None) -> torch.Tensor:
         """Images (B, H, W, C) in [-1, 1] from the batch (first_stage_key) as (B, C, H, W)."""
@@ -371,7 +383,7 @@ class DDPM(pl.LightningModule, metaclass=LoadsAfterConstruction):
         """An optimizer step, then one EMA update: once per step under gradient accumulation."""
         super().optimizer_step(*args, **kwargs)
         if self.use_ema:
-            self.model_ema(self.model)
+            self.model_ema(self.ema_target())
 
     @torch.no_grad()
     def sample(
@@ -409,9 +421,13 @@ class DDPM(pl.LightningModule, metaclass=LoadsAfterConstruction):
         params = [p for p in self.model.parameters() if p.requires_grad]
         return params + ([self.logvar] if self.learn_logvar else [])
 
+    def optimizer_groups(self) -> list:
+        """The optimizer's parameters (or parameter groups): everything trainable."""
+        return self.trainable_parameters()
+
     def configure_optimizers(self):
         optimizer = make_optimizer(
-            self.optimizer_config, self.trainable_parameters(), self.learning_rate
+            self.optimizer_config, self.optimizer_groups(), self.learning_rate
         )
         if self.scheduler_config is None:
             return optimizer

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ldm.models.diffusion import previews
+from ldm.checkpoint import EMA_PREFIX, LORA_PREFIX
+from ldm.models.diffusion import adapters, previews
 from ldm.models.diffusion.conditioning import (
     CONTEXT_KEY,
     MOMENTS_KEY,
@@ -25,7 +26,8 @@ from ldm.models.diffusion.conditioning import (
 )
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import batch_item, instantiate_from_config, to_plain
+from ldm.modules.lora import LoRANetwork
+from ldm.util import ConfigError, batch_item, instantiate_from_config, to_plain
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class LatentDiffusion(DDPM):
         scale_factor: float = 1.0,
         scale_by_std: bool = False,
         ucg_training: Mapping | None = None,
+        lora_config: Mapping | None = None,
         **ddpm_params,
     ):
         if (num_timesteps_cond or 1) != 1:
@@ -78,6 +81,7 @@ class LatentDiffusion(DDPM):
         }
         self.first_stage_model = frozen(instantiate_from_config(first_stage_config))
         self.cond_stage_model = self.make_cond_stage(cond_stage_config)
+        self.lora, self.lora_specs = self.make_lora(lora_config)
 
     # Concat and hybrid conditioning (SD's inpainting and upscaling models) are not built yet.
     supported_conditioning = (None, "crossattn")
@@ -98,6 +102,50 @@ class LatentDiffusion(DDPM):
                 "false, or cond_stage_trainable: false"
             )
         return model
+
+    def make_lora(self, config: Mapping | None) -> tuple[LoRANetwork | None, dict]:
+        """LoRA adapters (`adapters.py`) on the frozen UNet and text encoder, if configured."""
+        if config is None:
+            return None, {}
+        if self.cond_stage_trainable:
+            raise ConfigError(
+                "lora_config with cond_stage_trainable: true would train the whole text encoder "
+                "besides its adapters: set cond_stage_trainable: false (lora_config.text_encoder "
+                "adapts it)"
+            )
+        self.model.requires_grad_(False)
+        return adapters.build_lora(self, config)
+
+    def ema_target(self) -> nn.Module:
+        """With LoRA the EMA follows the adapters (the base is frozen), else the UNet."""
+        return self.model if self.lora is None else self.lora
+
+    def keys_without_place(self) -> list[str]:
+        """With LoRA a base file's UNet EMA has no place: the EMA follows the adapters."""
+        return [EMA_PREFIX] if self.lora is not None else []
+
+    def computed_keys(self) -> list[str]:
+        """A base file has no adapters: they start fresh (`lora.*`)."""
+        return [*super().computed_keys(), *([LORA_PREFIX] if self.lora is not None else [])]
+
+    @property
+    def encodes_in_forward(self) -> bool:
+        """Whether captions are encoded with gradients: a trainable or adapted text encoder."""
+        return self.cond_stage_trainable or "text_encoder" in self.lora_specs
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """With LoRA, keep the adapters (and their EMA), not another copy of the frozen base:
+        the base comes from the config's ckpt_path (or the run seed) again on resume."""
+        if self.lora is not None:
+            kept = (LORA_PREFIX, EMA_PREFIX, "scale_factor")
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if k.startswith(kept)
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """An adapter checkpoint's base weights are the ones this model was built with."""
+        if self.lora is not None:
+            checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
 
     def train(self, mode: bool = True) -> LatentDiffusion:
         """Train the UNet; the frozen stages stay in eval mode (no dropout, fixed norms)."""
@@ -148,14 +196,14 @@ class LatentDiffusion(DDPM):
             return z, None
         c = batch_item(batch, self.cond_stage_key)
         ucg = self.ucg_training.get(self.cond_stage_key) if self.training else None
-        if CONTEXT_KEY in batch and not self.cond_stage_trainable:
+        if CONTEXT_KEY in batch and not self.encodes_in_forward:
             c = batch[CONTEXT_KEY]
             if ucg is not None:
                 c = drop_cached_context(c, ucg["p"], self.constant_context(ucg["val"]))
             return z, c
         if ucg is not None:
             c = drop_conditioning(c, **ucg)
-        if not self.cond_stage_trainable:
+        if not self.encodes_in_forward:
             with torch.no_grad():
                 c = self.get_learned_conditioning(c)
         return z, c
@@ -168,7 +216,7 @@ class LatentDiffusion(DDPM):
         return self.constant_contexts[caption]
 
     def forward(self, z: torch.Tensor, c, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
-        if self.cond_stage_trainable and c is not None:  # encoded here, with gradients
+        if self.encodes_in_forward and c is not None:  # encoded here, with gradients
             c = self.get_learned_conditioning(c)
         return super().forward(z, c, prefix)
 
@@ -195,4 +243,13 @@ class LatentDiffusion(DDPM):
         params = super().trainable_parameters()
         if self.cond_stage_trainable and self.cond_stage_model is not None:
             params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        if self.lora is not None:
+            params += list(self.lora.parameters())
         return params
+
+    def optimizer_groups(self) -> list:
+        """With LoRA, one group per adapted part, at the part's own learning rate if given."""
+        if self.lora is None:
+            return super().optimizer_groups()
+        groups = adapters.param_groups(self.lora, self.lora_specs)
+        return groups + ([{"params": [self.logvar], "name": "logvar"}] if self.learn_logvar else [])

@@ -1,0 +1,220 @@
+"""LoRA on a LatentDiffusion model: `model.params.lora_config`, and LoRA files in and out.
+
+    lora_config:
+      unet: {rank: 8, alpha: 8, dropout: 0.0, targets: [attn, ff, proj], learning_rate: 1.0e-4}
+      text_encoder: {rank: 4, targets: [attn, mlp], learning_rate: 5.0e-5}
+
+Targets are groups of layers (`lora.UNET_TARGETS`, `lora.TEXT_ENCODER_TARGETS`); `conv` adds
+LoCon adapters on the ResBlocks' and resamplers' convolutions. alpha defaults to the rank
+(scale 1); a part's learning_rate, when given, is its own and not scaled by --scale_lr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from ldm.checkpoint import LORA_PREFIX, CheckpointError, read_state_dict
+from ldm.diffusers_layout import unet_module_names
+from ldm.modules import lora
+from ldm.modules.lora import LoRAModule, LoRANetwork
+from ldm.util import ConfigError, to_plain
+
+logger = logging.getLogger(__name__)
+
+PARTS = {"unet": lora.UNET_TARGETS, "text_encoder": lora.TEXT_ENCODER_TARGETS}
+DEFAULT_TARGETS = {"unet": ("attn", "ff", "proj"), "text_encoder": ("attn", "mlp")}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One part's adapters: rank, alpha (default: the rank), dropout, targets, learning rate."""
+
+    part: str
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+    learning_rate: float | None = None
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+def parse_lora_config(config: Mapping | None) -> dict[str, AdapterSpec]:
+    """{part: AdapterSpec} of `lora_config`, every key checked."""
+    config = to_plain(config or {})
+    unknown = sorted(set(config) - set(PARTS))
+    if unknown or not config:
+        raise ConfigError(f"lora_config {unknown or '{}'}: expected parts among {sorted(PARTS)}")
+    specs = {}
+    for part, options in config.items():
+        options = dict(options or {})
+        allowed = {f.name for f in fields(AdapterSpec)} - {"part"}
+        if bad := sorted(set(options) - allowed):
+            raise ConfigError(f"lora_config.{part}: unknown keys {bad}; expected {sorted(allowed)}")
+        options["targets"] = tuple(options.get("targets") or DEFAULT_TARGETS[part])
+        spec = AdapterSpec(part=part, **options)
+        if not isinstance(spec.rank, int) or spec.rank < 1:
+            raise ConfigError(f"lora_config.{part}.rank {spec.rank!r}: expected an integer >= 1")
+        specs[part] = spec
+    return specs
+
+
+def part_layers(model, part: str, targets) -> dict[str, nn.Module]:
+    """{kohya name: layer} of one part of a LatentDiffusion model, for the named targets."""
+    pattern = lora.targets_of(targets, PARTS[part], f"lora_config.{part}")
+    if part == "unet":
+        unet = model.model.diffusion_model
+        return lora.adaptable_layers(unet, pattern, unet_module_names(unet), lora.UNET_PREFIX)
+    return lora.adaptable_layers(text_model(model), pattern, None, lora.TEXT_ENCODER_PREFIX)
+
+
+def text_model(model) -> nn.Module:
+    """The transformers CLIPTextModel of the condition stage (`text_model.*` inside)."""
+    transformer = getattr(model.cond_stage_model, "transformer", None)
+    if transformer is None or not hasattr(transformer, "text_model"):
+        raise NotImplementedError(
+            f"text-encoder LoRA needs a CLIP text encoder in the transformers layout "
+            f"(FrozenCLIPEmbedder); {type(model.cond_stage_model).__name__} is not one yet"
+        )
+    return transformer
+
+
+def check_rank(name: str, layer: nn.Module, rank: int) -> None:
+    """A rank above the layer's narrower side adds parameters and no expressiveness."""
+    width = min(layer.weight.shape[0], layer.weight[0].numel())
+    if rank > width:
+        raise ConfigError(
+            f"lora_config rank {rank} is larger than {name}'s {tuple(layer.weight.shape)} "
+            f"weight allows (at most {width})"
+        )
+
+
+def build_lora(model, config: Mapping) -> tuple[LoRANetwork, dict[str, AdapterSpec]]:
+    """The adapters `lora_config` asks for, hooked into the model's layers."""
+    specs = parse_lora_config(config)
+    adapters, layers = {}, {}
+    for part, spec in specs.items():
+        found = part_layers(model, part, spec.targets)
+        if not found:
+            raise ConfigError(f"lora_config.{part}.targets {list(spec.targets)} match no layer")
+        for name, layer in found.items():
+            check_rank(name, layer, spec.rank)
+            adapters[name] = LoRAModule(layer, spec.rank, spec.scale_alpha, spec.dropout)
+        layers.update(found)
+    network = LoRANetwork(adapters).attach(layers)
+    logger.info(
+        "LoRA: %d adapters, %d parameters",
+        len(adapters),
+        sum(p.numel() for p in network.parameters()),
+    )
+    return network, specs
+
+
+def kohya_state_dict(network: LoRANetwork) -> dict[str, Tensor]:
+    """The adapters as a kohya LoRA file: `<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+    return {k: v.detach().contiguous() for k, v in network.state_dict().items()}
+
+
+def param_groups(network: LoRANetwork, specs: Mapping[str, AdapterSpec]) -> list[dict]:
+    """Optimizer groups, one per part, with the part's own learning rate when it has one."""
+    prefixes = {"unet": lora.UNET_PREFIX, "text_encoder": lora.TEXT_ENCODER_PREFIX}
+    groups = []
+    for part, spec in specs.items():
+        params = [
+            p
+            for name, m in network.items()
+            if name.startswith(prefixes[part])
+            for p in m.parameters()
+        ]
+        group = {"params": params, "name": f"lora_{part}"}
+        if spec.learning_rate is not None:
+            group["lr"] = spec.learning_rate
+        groups.append(group)
+    return groups
+
+
+def all_layers(model) -> dict[str, nn.Module]:
+    """Every layer a LoRA file may name: kohya's diffusers-style names, the older names of the
+    original layout (`lora_unet_input_blocks_1_1_proj_in`), and the text encoder's."""
+    unet = model.model.diffusion_model
+    everything = lora.targets_of(list(lora.UNET_TARGETS), lora.UNET_TARGETS, "unet")
+    layers = lora.adaptable_layers(unet, everything, unet_module_names(unet), lora.UNET_PREFIX)
+    layers |= lora.adaptable_layers(unet, everything, None, lora.UNET_PREFIX)
+    try:
+        te = text_model(model)
+    except NotImplementedError:
+        return layers
+    targets = lora.TEXT_ENCODER_TARGETS
+    pattern = lora.targets_of(list(targets), targets, "text_encoder")
+    return layers | lora.adaptable_layers(te, pattern, None, lora.TEXT_ENCODER_PREFIX)
+
+
+def file_adapters(state_dict: Mapping[str, Tensor], path) -> dict[str, dict[str, Tensor]]:
+    """{module name: {suffix: tensor}} of a kohya-layout LoRA file; other layouts refused."""
+    modules: dict[str, dict[str, Tensor]] = {}
+    for key, value in state_dict.items():
+        suffix = next((s for s in lora.FILE_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            raise CheckpointError(
+                f"LoRA file {path}: key {key!r} is not in the kohya layout (<module>"
+                f"{', <module>'.join(lora.FILE_SUFFIXES)}); LoHa, LoKr and DoRA files are not "
+                "supported"
+            )
+        modules.setdefault(key.removesuffix(suffix), {})[suffix] = value
+    return modules
+
+
+def load_lora_file(model, path: str | os.PathLike, multiplier: float = 1.0) -> int:
+    """Merge a kohya-layout LoRA file into the model's weights, `multiplier` times; returns the
+    number of layers changed. Every module the file names must exist in the model."""
+    modules = file_adapters(read_state_dict(path), path)
+    layers = all_layers(model)
+    unmatched = sorted(set(modules) - set(layers))
+    if unmatched:
+        what = "matches nothing in" if len(unmatched) == len(modules) else "has modules not in"
+        raise CheckpointError(
+            f"LoRA file {path} {what} this model ({len(unmatched)} of {len(modules)}, e.g. "
+            f"{unmatched[:3]}); expected kohya names such as {sorted(layers)[:2]}"
+        )
+    network = LoRANetwork()
+    for name, tensors in modules.items():
+        down, up = tensors[".lora_down.weight"], tensors[".lora_up.weight"]
+        rank = down.shape[0]
+        alpha = tensors.get(".alpha", torch.tensor(float(rank)))
+        adapter = LoRAModule(layers[name], rank, float(alpha))
+        try:
+            adapter.load_state_dict(
+                {"lora_down.weight": down, "lora_up.weight": up, "alpha": alpha}
+            )
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"LoRA file {path}: {name} does not fit the model: {err}"
+            ) from err
+        network[name] = adapter
+    network.layers = {name: layers[name] for name in network}
+    network.merge(multiplier)
+    logger.info("%s: merged into %d layers (x %.2f)", path, len(network), multiplier)
+    return len(network)
+
+
+def merged_state_dict(model) -> dict[str, Tensor]:
+    """The model's original-layout state dict with its adapters merged into the weights."""
+    if model.lora is not None:
+        model.lora.merge()
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(LORA_PREFIX)}
+
+
+def parse_lora_arg(value: str) -> tuple[str, float]:
+    """FILE[:SCALE] of the scripts' --lora flag."""
+    path, sep, scale = value.rpartition(":")
+    if not sep or not scale.replace(".", "", 1).replace("-", "", 1).isdigit():
+        return value, 1.0
+    return path, float(scale)
