@@ -248,7 +248,7 @@ def checkpoint_callbacks(ckptdir: str, monitor, config: DictConfig, lightning_co
         "save_top_k": keep,
     }
     callbacks = [ModelCheckpoint(**{**steps, **params})]
-    if monitor and keep != 0 and "validation" in config.get("data", {}).get("params", {}):
+    if monitor and keep != 0 and config.get("data", {}).get("params", {}).get("validation"):
         best = ModelCheckpoint(
             dirpath=ckptdir,
             filename=BEST_CHECKPOINT,

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ldm.checkpoint import write_atomically
 from ldm.models.diffusion.conditioning import CONTEXT_KEY, MOMENTS_KEY
-from ldm.util import batch_item, to_plain
+from ldm.util import ConfigError, batch_item, to_plain
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +226,11 @@ class LatentCache(pl.Callback):
             raise TypeError(
                 f"LatentCache: data.params.{split} is a streamed data set "
                 f"({type(dataset).__name__}); only map-style data sets can be cached"
+            )
+        if any(w != 1 for w in getattr(dataset, "loss_weights", ())):
+            raise ConfigError(
+                f"LatentCache: data.params.{split} weighs its items ({dataset}), and the cache "
+                "keeps no loss weights: train this mix without the cache"
             )
         warn_if_augmented(data.dataset_configs[split], split)
         identity = {

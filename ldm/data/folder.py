@@ -116,7 +116,8 @@ def read_metadata(path: Path, caption_key: str) -> tuple[list[Path], list[str]]:
 
 
 class ImageCaptionFolder(Dataset):
-    """Images under `root` (recursive) with `.txt` or `metadata.jsonl` captions; items are
+    """Images under `root` (recursive) with `.txt` or `metadata.jsonl` captions, or one
+    `caption` for all (a DreamBooth folder's instance or class prompt); items are
     `{"image": float32 (size, size, 3) in [-1, 1], "caption": str}`.
 
     Unreadable images are skipped with a warning and replaced by the next readable item; their
@@ -132,6 +133,7 @@ class ImageCaptionFolder(Dataset):
         crop: str = "center",
         flip_p: float = 0.0,
         caption_key: str = "text",
+        caption: str | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -139,7 +141,10 @@ class ImageCaptionFolder(Dataset):
         self.transform = ImageTransform(size, crop, flip_p)
         self.skipped_files: set[Path] = set()
         metadata = self.root / METADATA_FILE
-        if metadata.is_file():
+        self.fixed_caption = caption
+        if caption is not None:
+            self.images, self.captions = find_images(self.root), None
+        elif metadata.is_file():
             self.images, self.captions = read_metadata(metadata, caption_key)
         else:
             self.images, self.captions = self.images_with_txt_captions(), None
@@ -149,6 +154,7 @@ class ImageCaptionFolder(Dataset):
                 f"(looked recursively for {', '.join(IMAGE_EXTENSIONS)} or a {METADATA_FILE})"
             )
         source = METADATA_FILE if self.captions is not None else ".txt files"
+        source = f"caption: {caption!r}" if caption is not None else source
         logger.info("%s: %d images, captions from %s", self.root, len(self.images), source)
 
     def images_with_txt_captions(self) -> list[Path]:
@@ -158,7 +164,8 @@ class ImageCaptionFolder(Dataset):
         if uncaptioned:
             raise FileNotFoundError(
                 f"ImageCaptionFolder {str(self.root)!r}: {len(uncaptioned)} images have no "
-                f"caption (expected a sibling .txt, or a {METADATA_FILE} in the root): "
+                f"caption (expected a sibling .txt, a {METADATA_FILE} in the root, or "
+                f"`caption:` for every image, e.g. a DreamBooth instance or class prompt): "
                 f"{list_some(uncaptioned)}"
             )
         return images
@@ -173,6 +180,8 @@ class ImageCaptionFolder(Dataset):
 
     def caption(self, index: int) -> str:
         """The caption of image `index`."""
+        if self.fixed_caption is not None:
+            return self.fixed_caption
         if self.captions is not None:
             return self.captions[index]
         return self.images[index].with_suffix(".txt").read_text(encoding="utf-8").strip()

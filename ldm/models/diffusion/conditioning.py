@@ -1,4 +1,5 @@
-"""What a model is conditioned on: the conditioning_key a config means, caption dropout, and
+"""What a model is conditioned on: the conditioning_key a config means and the wrapper that
+feeds the UNet by it (`DiffusionWrapper`, still importable from ddpm.py), caption dropout, and
 cached text contexts.
 
 Caption dropout is for classifier-free guidance (Ho & Salimans 2022): the model learns the
@@ -12,11 +13,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 
-from ldm.util import KEY_ALIASES
+from ldm.util import KEY_ALIASES, instantiate_from_config
+
+CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid")
 
 # Batch keys of cached items: LatentDiffusion reads these in place of images and captions.
 MOMENTS_KEY, CONTEXT_KEY = "first_stage_moments", "cond_stage_context"
+# Each item's weight in the loss (ldm.data.mix.DataMix sets it; 1 when absent).
+LOSS_WEIGHT_KEY = "loss_weight"
 
 
 def parse_ucg_training(config: Mapping | None) -> dict[str, dict]:
@@ -67,3 +73,22 @@ def resolve_conditioning_key(cond_stage_config, conditioning_key: str | None, co
             "crossattn (as the SD configs do)"
         )
     return conditioning_key or "crossattn"
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as `diffusion_model` (the checkpoint's `model.diffusion_model.` prefix)."""
+
+    def __init__(self, diff_model_config: Mapping, conditioning_key: str | None):
+        super().__init__()
+        if conditioning_key not in CONDITIONING_KEYS:
+            raise ValueError(f"conditioning_key {conditioning_key!r}; expected {CONDITIONING_KEYS}")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x, t, c_concat: list | None = None, c_crossattn: list | None = None):
+        if self.conditioning_key in ("concat", "hybrid"):
+            x = torch.cat([x, *c_concat], dim=1)  # (B, C + C_cond, H, W)
+        context = None
+        if self.conditioning_key in ("crossattn", "hybrid"):
+            context = torch.cat(c_crossattn, dim=1)  # (B, L, D)
+        return self.diffusion_model(x, t, context=context)

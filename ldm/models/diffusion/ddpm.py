@@ -26,7 +26,7 @@ from ldm.checkpoint import (
 )
 from ldm.diffusers_layout import read_weights
 from ldm.models.diffusion import previews, sampling, schedule
-from ldm.models.diffusion.conditioning import MOMENTS_KEY
+from ldm.models.diffusion.conditioning import LOSS_WEIGHT_KEY, MOMENTS_KEY, DiffusionWrapper
 from ldm.models.diffusion.loss import DiffusionLoss, check_self_conditioning_channels
 from ldm.modules.acceleration import accelerate
 from ldm.modules.ema import LitEma
@@ -44,28 +44,8 @@ COMPAT_PARAMS = {
     "the samplers take `log_every_t` themselves",
     "concat_mode": "only picks the default conditioning_key when none is given, as the original",
 }
-CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid")
 # The SD base learning rate.
 DEFAULT_LEARNING_RATE = 1.0e-4
-
-
-class DiffusionWrapper(nn.Module):
-    """Holds the UNet as `diffusion_model` (the checkpoint's `model.diffusion_model.` prefix)."""
-
-    def __init__(self, diff_model_config: Mapping, conditioning_key: str | None):
-        super().__init__()
-        if conditioning_key not in CONDITIONING_KEYS:
-            raise ValueError(f"conditioning_key {conditioning_key!r}; expected {CONDITIONING_KEYS}")
-        self.diffusion_model = instantiate_from_config(diff_model_config)
-        self.conditioning_key = conditioning_key
-
-    def forward(self, x, t, c_concat: list | None = None, c_crossattn: list | None = None):
-        if self.conditioning_key in ("concat", "hybrid"):
-            x = torch.cat([x, *c_concat], dim=1)  # (B, C + C_cond, H, W)
-        context = None
-        if self.conditioning_key in ("crossattn", "hybrid"):
-            context = torch.cat(c_crossattn, dim=1)  # (B, L, D)
-        return self.diffusion_model(x, t, context=context)
 
 
 # Seeds the fixed noise of validation and test losses, so runs compare across resumes.
@@ -322,14 +302,17 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
             cond = {key: cond if isinstance(cond, list) else [cond]}
         return self.model(x_t, t, **(cond or {}))
 
-    def p_losses(self, x0, cond, t, noise=None, prefix=None) -> tuple[torch.Tensor, dict]:
-        """The training loss at timesteps t (`DiffusionLoss`) and the values to log."""
+    def p_losses(self, x0, cond, t, noise=None, prefix=None, weights=None) -> tuple:
+        """The training loss at timesteps t (`DiffusionLoss`) and the values to log; `weights`
+        (B,) weigh the items (the batch's `loss_weight`, e.g. DreamBooth's class images)."""
 
         def predict(x_t: torch.Tensor, t: torch.Tensor, self_cond) -> torch.Tensor:
             return self.apply_model(x_t, t, cond, self_cond)
 
         prefix = prefix or ("train" if self.training else "val")
-        loss, logs = self.loss_fn(predict, x0, t, noise, self.logvar, self.training, prefix)
+        loss, logs = self.loss_fn(
+            predict, x0, t, noise, self.logvar, self.training, prefix, weights
+        )
         if self.learn_logvar:
             logs["logvar"] = self.logvar.mean()
         return loss, logs
@@ -338,12 +321,14 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         """(n,) timesteps drawn uniformly from [0, T)."""
         return torch.randint(0, self.num_timesteps, (n,), device=self.device)
 
-    def forward(self, x0: torch.Tensor, c, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
+    def forward(self, x0: torch.Tensor, c, prefix=None, weights=None) -> tuple[torch.Tensor, dict]:
         """The loss and logs at random timesteps, for inputs and conditioning from get_input."""
-        return self.p_losses(x0, c, self.random_timesteps(x0.shape[0]), prefix=prefix)
+        t = self.random_timesteps(x0.shape[0])
+        return self.p_losses(x0, c, t, prefix=prefix, weights=weights)
 
     def shared_step(self, batch: Mapping, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
-        return self(*self.get_input(batch), prefix=prefix)
+        weights = batch.get(LOSS_WEIGHT_KEY)  # per item, from ldm.data.mix.DataMix
+        return self(*self.get_input(batch), prefix=prefix, weights=weights)
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
         loss, logs = self.shared_step(batch)

@@ -215,10 +215,10 @@ class LatentDiffusion(DDPM):
             self.constant_contexts[caption] = self.get_learned_conditioning([caption])
         return self.constant_contexts[caption]
 
-    def forward(self, z: torch.Tensor, c, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
+    def forward(self, z: torch.Tensor, c, prefix=None, weights=None) -> tuple[torch.Tensor, dict]:
         if self.encodes_in_forward and c is not None:  # encoded here, with gradients
             c = self.get_learned_conditioning(c)
-        return super().forward(z, c, prefix)
+        return super().forward(z, c, prefix, weights)
 
     @torch.no_grad()
     def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:

@@ -83,10 +83,13 @@ class DiffusionLoss:
         logvar: Tensor | None = None,
         training: bool = True,
         prefix: str = "train",
+        weights: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss, values to log) for clean x0 (B, C, ...) at timesteps t (B,).
 
-        `logvar` (T,) is the learned or fixed log-variance per timestep (zeros when None).
+        `logvar` (T,) is the learned or fixed log-variance per timestep (zeros when None);
+        `weights` (B,) weigh each item's loss before the batch mean, as kohya's loss weights
+        (DreamBooth's prior preservation: the class images' items at prior_loss_weight).
         """
         ac = self.table("alphas_cumprod", t.device)
         if noise is None:
@@ -102,9 +105,10 @@ class DiffusionLoss:
         loss_simple = self.error(prediction, target, reduction="none")  # (B, C, ...)
         loss_simple = loss_simple.mean(dim=tuple(range(1, x0.ndim)))  # (B,)
         logvar_t = torch.zeros_like(loss_simple) if logvar is None else logvar[t]  # (B,)
+        items = torch.ones_like(loss_simple) if weights is None else weights.to(loss_simple)
         weighted = self.table("snr", t.device)[t] * loss_simple  # Min-SNR-gamma, or 1
-        loss = self.l_simple_weight * (weighted / logvar_t.exp() + logvar_t).mean()
-        loss_vlb = (self.table("vlb", t.device)[t] * loss_simple).mean()
+        loss = self.l_simple_weight * (items * (weighted / logvar_t.exp() + logvar_t)).mean()
+        loss_vlb = (items * self.table("vlb", t.device)[t] * loss_simple).mean()
         loss = loss + self.original_elbo_weight * loss_vlb
         logs = {
             f"{prefix}/loss_simple": loss_simple.mean(),
