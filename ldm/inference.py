@@ -111,3 +111,8 @@ def adapter_run_model(ckpt, configs: list, state_dict: dict, use_ema: bool) -> t
     state_dict = filter_keys(state_dict, [EMA_PREFIX])
     load_weights(model, {**model.state_dict(), **state_dict})
     return model
+
+
+def latent_factor(model) -> int:
+    """How many pixels one latent spans per side: 2 ** (levels - 1) of the first stage."""
+    return 2 ** (len(model.first_stage_model.encoder.down) - 1)

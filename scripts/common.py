@@ -185,11 +185,6 @@ def prepare_for_precision(model, precision: str, device: torch.device) -> None:
         model.model.to(autocast_dtype(device))
 
 
-def latent_factor(model) -> int:
-    """How many pixels one latent spans per side: 2 ** (levels - 1) of the first stage."""
-    return 2 ** (len(model.first_stage_model.encoder.down) - 1)
-
-
 def read_prompts(prompt: str, from_file: str | None, batch_size: int) -> list[list[str]]:
     """Batches of prompts: `prompt` repeated batch_size times, or a file's lines in chunks."""
     if from_file is None:

@@ -21,11 +21,11 @@ from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm.inference import latent_factor  # noqa: E402
 from ldm.models.diffusion import sampling  # noqa: E402
 from scripts.common import (  # noqa: E402
     add_common_args,
     conditionings,
-    latent_factor,
     precision_scope,
     sampling_options,
     save,

@@ -21,11 +21,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ldm.inference import latent_factor  # noqa: E402
 from ldm.models.diffusion import sampling  # noqa: E402
 from scripts.common import (  # noqa: E402
     add_common_args,
     conditionings,
-    latent_factor,
     precision_scope,
     sampling_options,
     save,

@@ -388,3 +388,16 @@ def test_the_lora_overlay_on_the_v1_finetune_config_adapts_sd_v1():
     )
     shadow = [n for n, _ in model.model_ema.named_buffers() if n not in ("decay", "num_updates")]
     assert len(shadow) == len(list(model.lora.parameters()))  # the EMA follows the adapters
+
+
+def test_adapters_train_under_gradient_checkpointing_and_bf16_autocast():
+    config = load_config("tiny/txt2img.yaml").model
+    config.params.unet_config.params.use_checkpoint = True
+    config.params.lora_config = BOTH
+    model = pretrained(instantiate_from_config(config)).train()
+    batch = {"image": torch.rand(2, 32, 32, 3) * 2 - 1, "caption": PROMPTS}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.shared_step(batch)
+    loss.backward()
+    grads = [a.lora_up.weight.grad for a in model.lora.values()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

@@ -1,0 +1,217 @@
+"""Fixed validation prompts, sampled every N steps from fixed start noise as labelled grids.
+
+What fine-tuning users judge a run by: the same prompts from the same noise at every
+evaluation, so that only the weights change from one grid to the next, with the EMA weights
+beside the raw ones. Sampling goes through `sampling.sample`, as txt2img.py's does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
+
+from ldm.callbacks import log_image, to_uint8_grid
+from ldm.inference import latent_factor
+from ldm.models.diffusion import sampling
+from ldm.util import ConfigError
+
+logger = logging.getLogger(__name__)
+
+FOLDER = Path("images") / "validation"  # under the run's log dir, beside ImageLogger's
+MIN_TILE = 128  # px: smaller samples (the tiny model's 32 px) are enlarged so labels fit
+FONT_SIZE = 14
+LABEL_PAD = 4  # px around a label's text
+WHERE = "ValidationPrompts"
+SHARDED = (FSDPStrategy, DeepSpeedStrategy)  # their forward needs every rank: not rank 0 alone
+
+
+def start_noise(
+    seed: int, n: int, shape: Sequence[int], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """(n, C, h, w) noise from a CPU generator seeded with `seed`: the same on any device and
+    whatever the global RNG's state."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *shape), generator=generator).to(device, dtype)
+
+
+def wrap_to_width(text: str, width: float, font: ImageFont.FreeTypeFont) -> list[str]:
+    """`text` broken between words into lines no wider than `width` px (a longer word
+    gets a line of its own)."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and font.getlength(candidate) > width:
+            lines.append(line)
+            candidate = word
+        line = candidate
+    return [*lines, line]
+
+
+def label_strip(text: str, width: int, font: ImageFont.FreeTypeFont) -> np.ndarray:
+    """(h, width, 3) uint8: black `text` on white, on as many lines as it needs."""
+    lines = wrap_to_width(text, width - 2 * LABEL_PAD, font)
+    ascent, descent = font.getmetrics()
+    line_height = ascent + descent
+    strip = Image.new("RGB", (width, len(lines) * line_height + 2 * LABEL_PAD), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, line in enumerate(lines):
+        draw.text((LABEL_PAD, LABEL_PAD + i * line_height), line, fill="black", font=font)
+    return np.asarray(strip)
+
+
+def labelled_grid(prompts: Sequence[str], images: Sequence[torch.Tensor]) -> np.ndarray:
+    """One (H, W, 3) uint8 image: each prompt's label above its row of samples (n, 3, h, w)
+    in [-1, 1], which are enlarged by a whole factor when under MIN_TILE px high."""
+    font = ImageFont.load_default(size=FONT_SIZE)
+    parts = []
+    for prompt, samples in zip(prompts, images, strict=True):
+        scale = -(-MIN_TILE // samples.shape[-2])  # ceil: 1 for 128 px and larger
+        row = Image.fromarray(to_uint8_grid(samples, nrow=len(samples)))
+        row = row.resize((row.width * scale, row.height * scale), Image.Resampling.NEAREST)
+        parts += [label_strip(prompt, row.width, font), np.asarray(row)]
+    return np.concatenate(parts)  # (H, W, 3): every row has the same width
+
+
+def check_params(prompts, every_n_steps: int, steps: int, n_per_prompt: int, sampler: str):
+    """Raise a ConfigError naming the first bad param."""
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"{WHERE}: prompts must be a non-empty list of strings, got {prompts!r}")
+    counts = {"every_n_steps": every_n_steps, "steps": steps, "n_per_prompt": n_per_prompt}
+    for key, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{WHERE}: {key} must be an integer >= 1, got {value!r}")
+    if sampler not in sampling.SAMPLERS:
+        raise ConfigError(f"{WHERE}: sampler {sampler!r} is not one of {sorted(sampling.SAMPLERS)}")
+
+
+class ValidationPrompts(pl.Callback):
+    """Every `every_n_steps` optimizer steps, and after the last step, samples `prompts` from
+    fixed start noise and saves one labelled grid per set of weights.
+
+    Grids go to `<logdir>/images/validation/step-<step>-ema.png` (EMA models only) and
+    `step-<step>-raw.png`, and to the TensorBoard or W&B logger as `validation/ema` and
+    `validation/raw`. Prompt i's noise comes from a CPU generator seeded with `seed` + i, so
+    every evaluation starts from the same noise. Under DDP rank 0 samples while the other ranks
+    wait. The torch RNG, the weights and the train mode are left as they were, so training
+    goes on exactly as without the callback.
+
+    Args:
+        prompts: the captions, one labelled row of `n_per_prompt` samples each.
+        guidance_scale: classifier-free guidance against the empty prompt; 1: unguided.
+        height, width: in pixels, multiples of the first stage's factor; default: the
+            model's own size.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        every_n_steps: int = 500,
+        seed: int = 0,
+        steps: int = 20,
+        guidance_scale: float = 5.0,
+        sampler: str = "ddim",
+        n_per_prompt: int = 2,
+        height: int | None = None,
+        width: int | None = None,
+    ):
+        super().__init__()
+        if isinstance(prompts, Sequence) and not isinstance(prompts, str):
+            prompts = list(prompts)  # a ListConfig too
+        check_params(prompts, every_n_steps, steps, n_per_prompt, sampler)
+        self.prompts, self.every_n_steps, self.seed = prompts, every_n_steps, seed
+        self.steps, self.guidance_scale, self.sampler = steps, guidance_scale, sampler
+        self.n_per_prompt, self.size = n_per_prompt, (height, width)
+        self.shape: tuple[int, int, int] | None = None  # (C, h, w) of the start noise
+        self.last_step = 0  # the step of the last grids; none are made at step 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, SHARDED):  # before training, as a bad config
+            raise ConfigError(
+                f"{WHERE} samples on rank 0 alone, which {type(trainer.strategy).__name__} "
+                "(weights sharded across ranks) cannot do: train with --strategy ddp"
+            )
+        self.shape = self.latent_shape(pl_module)
+
+    def latent_shape(self, model) -> tuple[int, int, int]:
+        """(C, h, w) of the latents for `height` x `width` pixels."""
+        if getattr(model, "cond_stage_model", None) is None:
+            raise ConfigError(f"{WHERE}: {type(model).__name__} is not a text-conditioned model")
+        f = latent_factor(model)
+        height, width = (size or model.image_size * f for size in self.size)
+        if height % f or width % f:
+            raise ConfigError(
+                f"{WHERE}: height {height} and width {width} must be multiples of {f}, "
+                "the first stage's downsampling factor"
+            )
+        return model.channels, height // f, width // f
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step  # optimizer steps: the same after each accumulated batch
+        if step % self.every_n_steps == 0 and step != self.last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self.last_step:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Rank 0 writes the grids of this step; the other ranks wait for it."""
+        self.last_step = trainer.global_step
+        if trainer.is_global_zero:
+            folder = Path(trainer.default_root_dir) / FOLDER
+            folder.mkdir(parents=True, exist_ok=True)
+            for weights, images in self.sample_all(trainer, pl_module).items():
+                grid = labelled_grid(self.prompts, images)
+                Image.fromarray(grid).save(folder / f"step-{self.last_step:06}-{weights}.png")
+                log_image(trainer.logger, f"validation/{weights}", grid, self.last_step)
+            logger.info("step %d: validation grids in %s", self.last_step, folder)
+        trainer.strategy.barrier()
+
+    @torch.no_grad()
+    def sample_all(self, trainer: pl.Trainer, pl_module) -> dict[str, list[torch.Tensor]]:
+        """{"ema": ..., "raw": ...} (EMA models; else "raw" only): each prompt's samples."""
+        was_training = pl_module.training
+        pl_module.eval()
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                with trainer.precision_plugin.forward_context():
+                    samples = {}
+                    if getattr(pl_module, "use_ema", False):
+                        with pl_module.ema_scope():
+                            samples["ema"] = self.sample_prompts(pl_module)
+                    samples["raw"] = self.sample_prompts(pl_module)
+        finally:
+            pl_module.train(was_training)
+        return samples
+
+    @torch.no_grad()
+    def sample_prompts(self, model) -> list[torch.Tensor]:
+        """Decoded samples (n_per_prompt, 3, H, W) in [-1, 1] per prompt, from its fixed noise."""
+        n, images = self.n_per_prompt, []
+        for i, prompt in enumerate(self.prompts):
+            x_T = start_noise(
+                self.seed + i, n, self.shape, model.device, model.dtype
+            )  # (n, C, h, w)
+            cond = model.get_learned_conditioning([prompt] * n)
+            uncond = model.get_learned_conditioning([""] * n) if self.guidance_scale != 1 else None
+            z = sampling.sample(
+                model,
+                cond,
+                uncond,
+                sampler=self.sampler,
+                steps=self.steps,
+                guidance_scale=self.guidance_scale,
+                x_T=x_T,
+            )
+            images.append(model.decode_first_stage(z).float())
+        return images
