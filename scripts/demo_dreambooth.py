@@ -1,18 +1,21 @@
-"""Teach the embedded demo's model a colour word it never saw, with LoRA DreamBooth; measure
+"""Teach the embedded demo's model a shape word it never saw, with LoRA DreamBooth; measure
 that it follows the new word and forgets nothing else, with and without prior preservation.
 
     python scripts/demo.py                                   # the base model, once
     python scripts/demo_dreambooth.py --base_run logs/<time>_demo-txt2img
 
 1. The base run's EMA weights become one file, the base (as released models are).
-2. Instance images: a handful of cyan shapes with captions ("a cyan circle on a red
-   background"); the base's data never had the word or the colour.
+2. Instance images: a handful of diamonds with captions ("a red diamond on a blue
+   background"); the base's data never had the word or the shape (`DEFAULT_SHAPES`). A new
+   colour would not do: the demo's autoencoder, trained on six colours, cannot draw a
+   seventh, while it redraws diamonds (its ceiling is measured and reported).
 3. Class images: the base model's own samples for the demo's prompts, with those prompts as
    captions, written once (a rerun reuses them).
 4. LoRA training on the instance images, with the class images as the prior (loss_weight 1)
    and without them.
-5. Scores, with the demo's judge: the new concept (cyan prompts: colour, shape, background)
-   and no forgetting (the demo's own 96-image prompt grid), for the base and both runs.
+5. Scores, with the demo's judge: the new concept (diamond prompts: colour, shape,
+   background) and no forgetting (the demo's own 96-image prompt grid), for the base and
+   both runs.
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ import main as train  # noqa: E402
 from ldm import inference  # noqa: E402
 from ldm.callbacks import to_uint8_grid  # noqa: E402
 from ldm.data.shapes_judge import accuracy, judge, prompt_grid, to_uint8  # noqa: E402
-from ldm.data.synthetic import PALETTE, SyntheticShapes  # noqa: E402
+from ldm.data.synthetic import DEFAULT_SHAPES, SyntheticShapes  # noqa: E402
 from scripts import convert, evaluate  # noqa: E402
 
-CYAN = (20, 200, 210)  # far from every PALETTE colour the judge tells apart
+NEW_SHAPE = "diamond"
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -57,20 +60,48 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def new_concept_data() -> SyntheticShapes:
-    """The shapes data set with cyan added to the palette (the judge's colours)."""
-    return SyntheticShapes(colors={**PALETTE, "cyan": CYAN})
+    """The shapes data set with the new shape among the judge's shapes."""
+    return SyntheticShapes(shapes=[*DEFAULT_SHAPES, NEW_SHAPE])
+
+
+def new_concept_labels(data: SyntheticShapes, n: int, rng: np.random.Generator) -> list[tuple]:
+    """`n` (colour, diamond, background) labels, the colours in turn, the background another."""
+    colours, shape = len(data.color_names), data.shape_names.index(NEW_SHAPE)
+    labels = []
+    for i in range(n):
+        colour = i % colours
+        labels.append((colour, shape, (colour + 1 + int(rng.integers(colours - 1))) % colours))
+    return labels
+
+
+def render(data: SyntheticShapes, labels: list[tuple], rng: np.random.Generator) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] of the labels, as the data set draws them."""
+    return torch.stack(
+        [torch.from_numpy(data.render(*label, rng)).permute(2, 0, 1) for label in labels]
+    )
 
 
 def write_instances(folder: Path, data: SyntheticShapes, n: int, seed: int) -> None:
-    """`n` cyan shapes on other colours, every shape, with their captions."""
+    """`n` diamonds in every colour on other colours, with their captions."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    cyan, colours = data.color_names.index("cyan"), len(data.color_names) - 1
-    for i in range(n):
-        label = (cyan, i % len(data.shape_names), int(rng.integers(colours)))
-        pixels = to_uint8(torch.from_numpy(data.render(*label, rng)).permute(2, 0, 1)[None])[0]
+    labels = new_concept_labels(data, n, rng)
+    for i, (label, pixels) in enumerate(
+        zip(labels, to_uint8(render(data, labels, rng)), strict=True)
+    ):
         Image.fromarray(pixels).save(folder / f"{i:03}.png")
         (folder / f"{i:03}.txt").write_text(data.caption(*label))
+
+
+def autoencoder_ceiling(model, opt) -> dict:
+    """The judge's scores of the first stage's reconstructions of diamonds: the best any
+    sampler of this model can reach on the new concept."""
+    data, rng = new_concept_data(), np.random.default_rng(opt.seed + 2)
+    labels = new_concept_labels(data, 6 * opt.n_per_prompt * 4, rng)
+    images = render(data, labels, rng).to(model.device)
+    posterior = model.encode_first_stage(images)
+    reconstructions = model.decode_first_stage(model.get_first_stage_encoding(posterior.mode()))
+    return accuracy([judge(image, data) for image in to_uint8(reconstructions)], labels)
 
 
 def write_class_images(folder: Path, model, opt) -> None:
@@ -88,14 +119,9 @@ def write_class_images(folder: Path, model, opt) -> None:
 
 
 def concept_scores(model, opt) -> dict:
-    """Colour, shape and background accuracy for cyan prompts, judged with cyan known."""
+    """Colour, shape and background accuracy for diamond prompts, judged with diamonds known."""
     data = new_concept_data()
-    cyan, rng = data.color_names.index("cyan"), np.random.default_rng(opt.seed)
-    labels = [
-        (cyan, shape, int(rng.integers(len(data.color_names) - 1)))
-        for shape in range(len(data.shape_names))
-        for _ in range(opt.n_per_prompt * 6)
-    ]
+    labels = new_concept_labels(data, 6 * opt.n_per_prompt * 4, np.random.default_rng(opt.seed))
     captions = [data.caption(*label) for label in labels]
     images = evaluate.generate(model, captions, opt.eval_steps, 3.0, opt.seed, eta=1.0)
     return accuracy([judge(image, data) for image in to_uint8(images)], labels)
@@ -143,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     base, _ = inference.load_model(opt.base_run)
     with torch.no_grad():
         write_class_images(folders["class"], base, opt)
-        result = {"base": scores(base, opt, "base")}
+        result = {"autoencoder_ceiling": autoencoder_ceiling(base, opt)}
+        result["base"] = scores(base, opt, "base")
     for name, prior in (("with-prior", True), ("without-prior", False)):
         began = time.time()
         run = fine_tune(opt, f"dreambooth-{name}", base_file, folders, prior)

@@ -27,7 +27,7 @@ from ldm.data import (
 )
 from ldm.data.datamodule import cpu_count, worker_init_fn
 from ldm.data.sampler import ResumableSampler
-from ldm.data.synthetic import PALETTE, SHAPES, caption_for, draw_shape
+from ldm.data.synthetic import DEFAULT_SHAPES, PALETTE, SHAPES, caption_for, draw_shape
 from ldm.util import instantiate_from_config
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -113,7 +113,7 @@ def test_synthetic_covers_every_colour_and_shape_in_200_items():
     items = [ds[i] for i in range(200)]
     assert {it["color"] for it in items} == set(range(len(PALETTE)))
     assert {it["background"] for it in items} == set(range(len(PALETTE)))
-    assert {it["shape"] for it in items} == set(range(len(SHAPES)))
+    assert {it["shape"] for it in items} == set(range(len(DEFAULT_SHAPES)))
 
 
 def test_synthetic_accepts_colour_names_or_a_mapping_and_a_shape_subset():

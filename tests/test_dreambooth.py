@@ -211,7 +211,8 @@ def test_the_dreambooth_demo_runs_end_to_end_on_a_small_budget(tmp_path):
         assert (tmp_path / "out" / f"{name}-demo-prompts.png").is_file()
     assert len(list((tmp_path / "out" / "class").glob("*.png"))) == 24  # one per demo prompt
     assert len(list((tmp_path / "out" / "instance").glob("*.txt"))) == 4
-    assert "cyan" in (tmp_path / "out" / "instance" / "000.txt").read_text()
+    assert "diamond" in (tmp_path / "out" / "instance" / "000.txt").read_text()
+    assert set(result["autoencoder_ceiling"]) == {"color", "shape", "background", "all"}
 
 
 def test_a_weighted_mix_is_not_cached_as_its_weights_would_be_lost(tmp_path):

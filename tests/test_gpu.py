@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
+from omegaconf import OmegaConf
 from PIL import Image
 
 import main
 from ldm import inference
-from ldm.checkpoint import read_state_dict
+from ldm.checkpoint import read_state_dict, save_checkpoint
 from ldm.data.synthetic import SyntheticShapes
 from ldm.models.diffusion import sampling
+from ldm.util import instantiate_from_config
 from scripts import convert, img2img, txt2img
 
 pytestmark = pytest.mark.gpu
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.gpu
 CUDA = ["--device", "cuda", "--ddim_steps", "4", "--n_samples", "2", "--n_iter", "1"]
 
 
-def train(root: Path, precision: str) -> main.pl.Trainer:
+def train(root: Path, precision: str, *extra: str) -> main.pl.Trainer:
     argv = [
         "--base",
         str(ROOT / "configs" / "tiny" / "txt2img.yaml"),
@@ -44,6 +46,7 @@ def train(root: Path, precision: str) -> main.pl.Trainer:
         "data.params.batch_size=4",
         "data.params.num_workers=0",
         "lightning.trainer.limit_val_batches=1",
+        *extra,
     ]
     return main.main(argv)
 
@@ -95,3 +98,21 @@ def test_convert_a_cuda_run_and_sample_from_the_export(logdir, tmp_path):
     flags = ["--ckpt", str(out), "--config", str(config), "--outdir", str(tmp_path / "s")]
     images = txt2img.main([*flags, *CUDA])
     assert torch.isfinite(images[0]).all()
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_a_lora_fine_tune_trains_its_adapters_in_mixed_precision(tmp_path, precision):
+    base = tmp_path / "base.safetensors"
+    model = instantiate_from_config(
+        OmegaConf.load(ROOT / "configs" / "tiny" / "txt2img.yaml").model
+    )
+    with torch.no_grad():
+        for p in model.model.parameters():  # no zero-initialised layers: the adapters get grads
+            p.add_(torch.randn_like(p) * 0.05)
+    save_checkpoint(model.state_dict(), base)
+    argv = ["--finetune_from", str(base), "model.params.lora_config.unet.rank=4"]
+    trainer = train(
+        tmp_path / "logs", precision, *argv, "model.params.lora_config.text_encoder.rank=2"
+    )
+    ups = [a.lora_up.weight for a in trainer.lightning_module.lora.values()]
+    assert all(torch.isfinite(u).all() for u in ups) and any(u.abs().sum() > 0 for u in ups)

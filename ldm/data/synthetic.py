@@ -48,13 +48,21 @@ def _cross(draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, fill) -> N
     draw.rectangle([cx - r, cy - arm, cx + r, cy + arm], fill=fill)
 
 
+def _diamond(draw: ImageDraw.ImageDraw, cx: float, cy: float, r: float, fill) -> None:
+    draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+
+
 # Each shape fills the square [cx - r, cx + r] × [cy - r, cy + r] and covers its centre.
 SHAPES: dict[str, Drawer] = {
     "circle": _circle,
     "square": _square,
     "triangle": _triangle,
     "cross": _cross,
+    "diamond": _diamond,
 }
+# The data set's shapes unless `shapes` names others: "diamond" is kept out, a shape the
+# demo's model never sees, for the DreamBooth demo to teach (scripts/demo_dreambooth.py).
+DEFAULT_SHAPES = ("circle", "square", "triangle", "cross")
 
 
 def caption_for(color: str, shape: str, background: str) -> str:
@@ -131,7 +139,7 @@ class SyntheticShapes(Dataset):
         palette = parse_colors(colors)
         self.color_names = list(palette)
         self.color_values = np.array(list(palette.values()), dtype=np.uint8)  # (n_colors, 3)
-        self.shape_names = list(SHAPES) if shapes is None else [str(s) for s in shapes]
+        self.shape_names = list(DEFAULT_SHAPES if shapes is None else map(str, shapes))
         unknown = [s for s in self.shape_names if s not in SHAPES]
         if unknown or not self.shape_names:
             raise ValueError(f"param 'shapes': unknown {unknown}; choose from {list(SHAPES)}")
