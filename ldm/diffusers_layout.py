@@ -3,7 +3,8 @@
 diffusers names modules its own way (`down_blocks.0.resnets.0.conv1` for the original
 `input_blocks.1.0.in_layers.2`). The name maps are derived by walking the ldm modules being
 loaded into, so they hold for any UNetModel / AutoencoderKL a config builds (tiny, SD 1.x, 2.x).
-Parameter names agree; only 1x1 convolutions that diffusers stores as Linear change shape.
+Parameter names agree; only 1x1 convolutions that diffusers stores as Linear change shape. The
+text encoders, SD 2.x's open_clip tower above all, are `ldm.diffusers_text`'s.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import CheckpointError, is_diffusers_folder, load_torch_file, read_state_dict
+from ldm.diffusers_text import is_openclip, text_encoder_tensors, unshipped_weights
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock
 from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, UNetModel, Upsample
@@ -52,8 +54,6 @@ VAE_ATTENTION_NAMES = dict(norm="group_norm", q="to_q", k="to_k", v="to_v", proj
 # Attention names of diffusers files written before 0.14, and their current names.
 OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 OLD_ATTENTION = re.compile(r"\.(query|key|value|proj_attn)(?=\.(weight|bias)$)")
-# Buffers older transformers saved that CLIPTextModel recomputes (the original SD files too).
-TEXT_ENCODER_BUFFERS = ("embeddings.position_ids",)
 
 
 def param_modules(module: nn.Module) -> list[str]:
@@ -196,7 +196,10 @@ def vae_module_names(autoencoder: nn.Module) -> dict[str, str]:
 
 def text_encoder_module_names(embedder: nn.Module) -> dict[str, str]:
     """{original module path: transformers CLIPTextModel module path} of a FrozenCLIPEmbedder:
-    the same names under the original `transformer.text_model.` level."""
+    the same names under the original `transformer.text_model.` level. A FrozenOpenCLIPEmbedder
+    keeps its own: `diffusers_text` renames the folder's tensors to open_clip's keys."""
+    if is_openclip(embedder):
+        return {path: path for path in param_modules(embedder)}
     text_model = embedder.transformer.text_model
     return {join("transformer.text_model", path): path for path in param_modules(text_model)}
 
@@ -213,15 +216,20 @@ def part_kind(module: nn.Module) -> str | None:
     """The diffusers subfolder that holds the weights of `module`, if it is such a network."""
     # Imported here: both modules import ldm.checkpoint's loaders, which call this module.
     from ldm.models.autoencoder import AutoencoderKL
-    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 
-    kinds = {UNetModel: "unet", AutoencoderKL: "vae", FrozenCLIPEmbedder: "text_encoder"}
+    kinds = {
+        UNetModel: "unet",
+        AutoencoderKL: "vae",
+        FrozenCLIPEmbedder: "text_encoder",
+        FrozenOpenCLIPEmbedder: "text_encoder",
+    }
     return next((kind for cls, kind in kinds.items() if isinstance(module, cls)), None)
 
 
 def model_parts(model: nn.Module) -> list[Part]:
     """The networks of `model` that a diffusers folder has weights for, found by type: a
-    LatentDiffusion's UNet, autoencoder and CLIP text encoder, or a network by itself."""
+    LatentDiffusion's UNet, autoencoder and (open) CLIP text encoder, or a network alone."""
     parts = []
     for name, module in model.named_modules():
         kind = part_kind(module)
@@ -267,17 +275,19 @@ def read_folder(folder: Path, *, unsafe_pickle: bool = False) -> dict[str, torch
     return tensors
 
 
-def current_names(kind: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`tensors` under the names current diffusers and transformers give them: old files name
-    the VAE's attention query/key/value/proj_attn, and put CLIP under `text_model.`."""
-    if kind == "vae":
+def current_names(
+    part: Part, folder: Path, tensors: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`tensors` of the part's `folder` under the names current diffusers and transformers
+    give them (old files name the VAE's attention query/key/value/proj_attn, and put CLIP
+    under `text_model.`), or open_clip's for SD 2.x's text encoder."""
+    if part.kind == "vae":
         return {
             OLD_ATTENTION.sub(lambda m: "." + OLD_ATTENTION_NAMES[m[1]], k): v
             for k, v in tensors.items()
         }
-    if kind == "text_encoder":
-        tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
-        return {k: v for k, v in tensors.items() if k not in TEXT_ENCODER_BUFFERS}
+    if part.kind == "text_encoder":
+        return text_encoder_tensors(part.module, folder, tensors)
     return dict(tensors)
 
 
@@ -308,9 +318,12 @@ def diffusers_keys(names: Mapping[str, str], keys: Iterable[str]) -> dict[str, s
 
 def convert_part(part: Part, folder: Path, tensors: Mapping[str, torch.Tensor]) -> dict:
     """The part's weights under its original keys (with `part.prefix`), from the tensors of
-    its diffusers folder; any key that has no place, or no tensor, raises CheckpointError."""
+    its diffusers folder; any key that has no place, or no tensor, raises CheckpointError,
+    except the SD 2.x text-encoder weights diffusers drops, which keep the model's values."""
     expected = {k: v for k, v in part.module.state_dict().items() if not k.startswith("loss.")}
     sources = diffusers_keys(module_names(part), expected)
+    lacking = {k for k, source in sources.items() if source not in tensors}
+    kept = unshipped_weights(part.module, folder, lacking)
     found = {k: fitted(tensors[s], expected[k].shape) for k, s in sources.items() if s in tensors}
     shapes = {k: (tuple(tensors[sources[k]].shape), tuple(expected[k].shape)) for k in found}
     wrong_shape = [
@@ -318,7 +331,7 @@ def convert_part(part: Part, folder: Path, tensors: Mapping[str, torch.Tensor]) 
     ]
     problems = {
         "keys this model has no place for": set(tensors) - set(sources.values()),
-        "keys the model needs that the folder lacks": set(sources.values()) - set(tensors),
+        "keys the model needs that the folder lacks": {sources[k] for k in lacking - set(kept)},
         "weights of the wrong shape (folder vs model)": wrong_shape,
         "model weights with no diffusers name": set(expected) - set(sources),
     }
@@ -327,7 +340,7 @@ def convert_part(part: Part, folder: Path, tensors: Mapping[str, torch.Tensor]) 
         raise CheckpointError(
             f"{folder} does not fit the {type(part.module).__name__} of this config: {listed}"
         )
-    return {part.prefix + k: v for k, v in found.items()}
+    return {part.prefix + k: v for k, v in (found | kept).items()}
 
 
 def folder_kind(folder: Path) -> str | None:
@@ -370,21 +383,23 @@ def original_state_dict(
     """The weights of the diffusers folder `folder` under the keys of `model`, the fully built
     ldm model they go into (shapes are all that is read: the meta device will do).
 
-    Its UNetModel, AutoencoderKL and FrozenCLIPEmbedder take `unet/`, `vae/`, `text_encoder/`
-    under their prefixes (`model.diffusion_model.`... in a LatentDiffusion); the schedule and
-    EMA are left to the model. With `only_unet`, or a single model folder (`unet/` alone), one
-    network is read. A missing subfolder, or a weight with no place or of the wrong shape,
-    raises CheckpointError."""
+    Its UNetModel, AutoencoderKL and FrozenCLIPEmbedder (or FrozenOpenCLIPEmbedder) take
+    `unet/`, `vae/`, `text_encoder/` under their prefixes (`model.diffusion_model.`... in a
+    LatentDiffusion); the schedule and EMA are left to the model. The SD 2.x text-encoder
+    weights diffusers drops (the last layer, text_projection) come from the model as built
+    when its `layer` does not use them. With `only_unet`, or a single model folder (`unet/`
+    alone), one network is read. A missing subfolder, or a weight with no place or of the wrong
+    shape, raises CheckpointError."""
     folder = Path(folder)
     parts = [p for p in model_parts(model) if p.kind == "unet" or not only_unet]
     if not parts:
         raise CheckpointError(
             f"{folder}: {type(model).__name__} has no network a diffusers folder holds "
-            "(UNetModel, AutoencoderKL, FrozenCLIPEmbedder)"
+            "(UNetModel, AutoencoderKL, FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder)"
         )
     state_dict, found = {}, part_folders(folder, parts, model)
     for part, source in found:
-        tensors = current_names(part.kind, read_folder(source, unsafe_pickle=unsafe_pickle))
+        tensors = current_names(part, source, read_folder(source, unsafe_pickle=unsafe_pickle))
         state_dict |= convert_part(part, source, tensors)
     logger.info("%s: converted %s from diffusers' layout", folder, [p.kind for p, _ in found])
     return state_dict

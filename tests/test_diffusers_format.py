@@ -8,6 +8,7 @@ compute (fp32, 1e-5).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -22,14 +23,26 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import main
 from ldm import inference
-from ldm.checkpoint import CheckpointError, is_diffusers_folder, read_state_dict
-from ldm.diffusers_layout import original_state_dict, unet_module_names, vae_module_names
-from ldm.modules.encoders.modules import CLIP_CONFIGS, CLIP_SHARED
+from ldm.checkpoint import CheckpointError, is_diffusers_folder, load_weights, read_state_dict
+from ldm.diffusers_layout import (
+    original_state_dict,
+    read_weights,
+    unet_module_names,
+    vae_module_names,
+)
+from ldm.modules.encoders.modules import (
+    CLIP_CONFIGS,
+    CLIP_SHARED,
+    OPENCLIP_CONFIGS,
+    FrozenOpenCLIPEmbedder,
+)
 from ldm.util import instantiate_from_config
 from scripts import convert
 
 TINY = "tiny/txt2img.yaml"
+TINY_OPENCLIP = "ldm/openclip-tiny"
 ATOL = 1e-5
+PROMPTS = ["a red circle", "an astronaut riding a horse, highly detailed", ""]
 
 
 def live(module: torch.nn.Module) -> torch.nn.Module:
@@ -261,3 +274,106 @@ def test_original_state_dict_reads_shapes_only(references):
         "first_stage_model",
         "cond_stage_model",
     }
+
+
+# ---------------------------------------------------------------- SD 2.x text encoder
+
+
+def sd2_embedder(layer: str = "penultimate") -> FrozenOpenCLIPEmbedder:
+    """SD 2.x's text encoder (v2-inference.yaml's layer: penultimate) on the tiny open_clip
+    text tower."""
+    return FrozenOpenCLIPEmbedder(arch=TINY_OPENCLIP, layer=layer)
+
+
+def diffusers_sd2_text_encoder(embedder: FrozenOpenCLIPEmbedder) -> CLIPTextModel:
+    """The CLIPTextModel a diffusers SD 2.x folder ships for `embedder`: gelu, one layer
+    fewer, no text_projection; its weights converted by diffusers' own single-file code."""
+    text_cfg = OPENCLIP_CONFIGS[TINY_OPENCLIP]["text_cfg"]
+    width, layers = text_cfg["width"], text_cfg["layers"]
+    config = CLIPTextConfig(
+        vocab_size=text_cfg["vocab_size"],
+        max_position_embeddings=text_cfg["context_length"],
+        hidden_size=width,
+        intermediate_size=4 * width,  # open_clip's mlp_ratio
+        num_hidden_layers=layers - 1,
+        num_attention_heads=text_cfg["heads"],
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    )
+    model = CLIPTextModel(config).eval()
+    checkpoint = {f"cond_stage_model.{k}": v for k, v in embedder.state_dict().items()}
+    converted = sfu.convert_open_clip_checkpoint(model, checkpoint)
+    # diffusers drops ViT-H's last layer by its number (resblocks.23): drop the tiny one's.
+    dropped = (f"text_model.encoder.layers.{layers - 1}.", "text_projection.")
+    converted = {
+        k.removeprefix("text_model."): v for k, v in converted.items() if not k.startswith(dropped)
+    }
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def sd2_folder(tmp_path_factory):
+    """(a diffusers folder holding an SD 2.x text_encoder/ alone, its CLIPTextModel)."""
+    torch.manual_seed(0)
+    reference = diffusers_sd2_text_encoder(live(sd2_embedder()))
+    folder = tmp_path_factory.mktemp("diffusers") / "tiny-sd2"
+    reference.save_pretrained(folder / "text_encoder")
+    return folder, reference
+
+
+def test_sd2_text_encoder_folder_loads_into_the_open_clip_embedder(sd2_folder, caplog):
+    folder, reference = sd2_folder
+    embedder = sd2_embedder()
+    built = {k: v.clone() for k, v in embedder.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="ldm.diffusers_text"):
+        state_dict = read_weights(folder, embedder)
+    logged = "14 weights the folder lacks (logit_scale, text_projection, transformer.resblocks.1.*)"
+    assert logged in caplog.text
+    load_weights(embedder, state_dict)  # strict: every key, every shape
+    for key in ("model.text_projection", "model.transformer.resblocks.1.attn.in_proj_weight"):
+        assert torch.equal(embedder.state_dict()[key], built[key]), key  # as built
+    tokens = embedder.tokenize(PROMPTS)
+    with torch.no_grad():
+        expected = reference(input_ids=tokens).last_hidden_state  # after final_layer_norm
+        torch.testing.assert_close(embedder(PROMPTS), expected, atol=ATOL, rtol=ATOL)
+    with pytest.raises(CheckpointError, match=r"lacks the last .*resblocks\.1.*layer 'last'"):
+        original_state_dict(folder / "text_encoder", sd2_embedder(layer="last"))
+
+
+def test_sd2_text_encoder_old_layout_and_strict_checks(sd2_folder, tmp_path):
+    folder, reference = sd2_folder
+    shutil.copytree(folder, tmp_path / "odd")
+    config_path = tmp_path / "odd" / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "hidden_act": "quick_gelu"}))
+    with pytest.raises(CheckpointError, match=r"hidden_act 'quick_gelu' vs 'gelu'"):
+        original_state_dict(tmp_path / "odd", sd2_embedder())
+    config_path.write_text(json.dumps(config))
+    old = {f"text_model.{k}": v for k, v in reference.state_dict().items()}  # transformers < 5
+    old["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(old, tmp_path / "odd" / "text_encoder" / "model.safetensors")
+    converted = original_state_dict(tmp_path / "odd", sd2_embedder())
+    assert converted.keys() == original_state_dict(folder, sd2_embedder()).keys()
+    weights = {k: v for k, v in reference.state_dict().items() if ".layers.0.mlp." not in k}
+    save_file(weights, tmp_path / "odd" / "text_encoder" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"folder lacks: .*resblocks\.0\.mlp\.c_fc"):
+        original_state_dict(tmp_path / "odd", sd2_embedder())
+
+
+def test_sd2_style_model_loads_a_diffusers_folder(references, loaded, sd2_folder, tmp_path):
+    """A LatentDiffusion with SD 2.x's text encoder takes the folder through ckpt_path."""
+    shutil.copytree(references[0], tmp_path / "sd2", ignore=shutil.ignore_patterns("text_*"))
+    shutil.copytree(sd2_folder[0] / "text_encoder", tmp_path / "sd2" / "text_encoder")
+    config = tiny_config(tmp_path / "sd2")
+    config.model.params.cond_stage_config = {
+        "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+        "params": {"arch": TINY_OPENCLIP, "layer": "penultimate"},
+    }
+    model = instantiate_from_config(config.model)
+    tokens = model.cond_stage_model.tokenize(PROMPTS)
+    with torch.no_grad():
+        expected = sd2_folder[1](input_ids=tokens).last_hidden_state
+        hidden = model.get_learned_conditioning(PROMPTS)
+    torch.testing.assert_close(hidden, expected, atol=ATOL, rtol=ATOL)
+    assert_same_weights(model.model, loaded.model)
