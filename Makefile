@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 
-.PHONY: demo demo-long test
+.PHONY: demo demo-long demo-dreambooth test
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(VENV)/bin/python
 demo-long: $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install -q -e .
 	$(VENV)/bin/python scripts/demo.py --ldm_steps 15000 --outdir outputs/demo-long
+
+# LoRA DreamBooth of a new shape word on the demo's model (after `make demo`; README figures).
+demo-dreambooth: $(VENV)/bin/python
+	$(VENV)/bin/python scripts/demo_dreambooth.py --base_run "$$(ls -d logs/*_demo-txt2img | tail -1)"
 
 test: $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install -q -e ".[test]"

@@ -50,7 +50,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--base_run", required=True, help="the demo's text-to-image log dir (scripts/demo.py)")
     add("--outdir", default="outputs/demo-dreambooth")
     add("--logdir", default="logs")
-    add("--steps", type=int, default=300, help="LoRA training steps per run")
+    add("--steps", type=int, default=800, help="LoRA training steps per run")
     add("--instances", type=int, default=12, help="instance images of the new concept")
     add("--class_per_prompt", type=int, default=4, help="class images per demo prompt")
     add("--n_per_prompt", type=int, default=4, help="images per prompt when scoring")
@@ -118,12 +118,16 @@ def write_class_images(folder: Path, model, opt) -> None:
         (folder / f"{i:03}.txt").write_text(caption)
 
 
-def concept_scores(model, opt) -> dict:
-    """Colour, shape and background accuracy for diamond prompts, judged with diamonds known."""
+def concept_scores(model, opt, name: str) -> dict:
+    """Colour, shape and background accuracy for diamond prompts, judged with diamonds known;
+    the images go to outdir/<name>-new-concept.png, one row a colour."""
     data = new_concept_data()
     labels = new_concept_labels(data, 6 * opt.n_per_prompt * 4, np.random.default_rng(opt.seed))
+    labels.sort(key=lambda label: label[0])
     captions = [data.caption(*label) for label in labels]
     images = evaluate.generate(model, captions, opt.eval_steps, 3.0, opt.seed, eta=1.0)
+    grid = to_uint8_grid(images, nrow=opt.n_per_prompt * 4)
+    Image.fromarray(grid).save(Path(opt.outdir) / f"{name}-new-concept.png")
     return accuracy([judge(image, data) for image in to_uint8(images)], labels)
 
 
@@ -135,7 +139,7 @@ def scores(model, opt, name: str) -> dict:
     old, images, _, _ = evaluate.evaluate(model, SyntheticShapes(), eval_opt)
     grid = to_uint8_grid(images, nrow=opt.n_per_prompt)
     Image.fromarray(grid).save(Path(opt.outdir) / f"{name}-demo-prompts.png")
-    return {"new_concept": concept_scores(model, opt), "demo_prompts": old}
+    return {"new_concept": concept_scores(model, opt, name), "demo_prompts": old}
 
 
 def fine_tune(opt, name: str, base_file: Path, folders: dict[str, Path], prior: bool) -> Path:

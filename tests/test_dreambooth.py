@@ -209,6 +209,7 @@ def test_the_dreambooth_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     for name in ("base", "with-prior", "without-prior"):
         assert set(result[name]["new_concept"]) == {"color", "shape", "background", "all"}
         assert (tmp_path / "out" / f"{name}-demo-prompts.png").is_file()
+        assert (tmp_path / "out" / f"{name}-new-concept.png").is_file()
     assert len(list((tmp_path / "out" / "class").glob("*.png"))) == 24  # one per demo prompt
     assert len(list((tmp_path / "out" / "instance").glob("*.txt"))) == 4
     assert "diamond" in (tmp_path / "out" / "instance" / "000.txt").read_text()
