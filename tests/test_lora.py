@@ -401,3 +401,67 @@ def test_adapters_train_under_gradient_checkpointing_and_bf16_autocast():
     loss.backward()
     grads = [a.lora_up.weight.grad for a in model.lora.values()]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_sd2_text_encoder_adapters_match_peft_on_its_transformers_conversion():
+    """OpenCLIP's fused attention gets its q, k, v and out adapters as weight updates; peft on
+    the CLIPTextModel diffusers converts it to (kohya's names come from that model)."""
+    from test_diffusers_format import TINY_OPENCLIP, diffusers_sd2_text_encoder
+
+    openclip = {
+        "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+        "params": {"arch": TINY_OPENCLIP, "layer": "penultimate"},
+    }
+    model = tiny({"text_encoder": {"rank": 2, "alpha": 4}}, cond_stage_config=openclip).eval()
+    clip = model.cond_stage_model
+    model.lora.detach_hooks()
+    reference = diffusers_sd2_text_encoder(clip)  # from the base weights
+    model.lora.attach(adapters.part_layers(model, "text_encoder", ["attn", "mlp"]))
+    randomize_adapters(model)
+    targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0)
+    reference = inject_adapter_in_model(config, reference).eval()
+    paths = {
+        "lora_te_text_model_" + path.replace(".", "_"): path
+        for path, _ in reference.named_modules()
+    }
+    assert set(model.lora) <= set(paths)  # kohya's SD 2 names, and only blocks that are used
+    weights = {}
+    for name, adapter in model.lora.items():
+        weights[f"{paths[name]}.lora_A.default.weight"] = adapter.lora_down.weight
+        weights[f"{paths[name]}.lora_B.default.weight"] = adapter.lora_up.weight
+    assert not reference.load_state_dict(weights, strict=False).unexpected_keys
+    tokens = clip.tokenize(PROMPTS)
+    with torch.no_grad():
+        expected = reference(input_ids=tokens).last_hidden_state
+        out = model.get_learned_conditioning(PROMPTS)
+        model.lora.detach_hooks()
+        base = model.get_learned_conditioning(PROMPTS)
+    assert (out - base).abs().max() > 1e-3
+    assert (out - expected).abs().max() <= 1e-4
+    assert set(clip.state_dict()) == set(
+        tiny(cond_stage_config=openclip).cond_stage_model.state_dict()
+    )
+
+
+def test_sd2_text_encoder_adapters_train_and_merge_into_the_fused_weights():
+    from test_diffusers_format import TINY_OPENCLIP
+
+    openclip = {
+        "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+        "params": {"arch": TINY_OPENCLIP, "layer": "penultimate"},
+    }
+    model = pretrained(
+        tiny({"text_encoder": {"rank": 2}}, cond_stage_config=openclip, use_ema=False)
+    )
+    batch = {"image": torch.rand(2, 32, 32, 3) * 2 - 1, "caption": PROMPTS}
+    model.train()
+    model.shared_step(batch)[0].backward()
+    q = [a for n, a in model.lora.items() if n.endswith("self_attn_q_proj")]
+    assert q and all(a.lora_up.weight.grad.abs().sum() > 0 for a in q)
+    model.eval()
+    randomize_adapters(model)
+    hooked = outputs(model)
+    plain = tiny(cond_stage_config=openclip, use_ema=False).eval()
+    plain.load_state_dict(adapters.merged_state_dict(model))
+    torch.testing.assert_close(outputs(plain), hooked, atol=1e-5, rtol=1e-5)

@@ -39,11 +39,12 @@ FILE_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 
 class LoRAModule(nn.Module):
-    """A rank-`rank` update of one Linear or Conv2d layer; `lora_up` starts at zero."""
+    """A rank-`rank` update of one Linear or Conv2d layer (or of one projection of an
+    nn.MultiheadAttention, `AttentionSlot`); `lora_up` starts at zero."""
 
-    def __init__(self, layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, layer, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        if isinstance(layer, nn.Linear):
+        if not isinstance(layer, nn.Conv2d):
             self.lora_down = nn.Linear(layer.in_features, rank, bias=False)
             self.lora_up = nn.Linear(rank, layer.out_features, bias=False)
         else:
@@ -58,8 +59,8 @@ class LoRAModule(nn.Module):
         self.rank = rank
         self.multiplier = 1.0
 
-    def scale(self) -> float:
-        return self.multiplier * self.alpha.item() / self.rank
+    def scale(self) -> Tensor:
+        return self.alpha * (self.multiplier / self.rank)  # a tensor: no device sync
 
     def forward(self, x: Tensor) -> Tensor:
         """The update to add to the layer's output for its input x."""
@@ -71,6 +72,75 @@ class LoRAModule(nn.Module):
         if down.ndim == 2:
             return up @ down * self.scale()  # (out, in)
         return torch.einsum("or,rikl->oikl", up.flatten(1), down) * self.scale()  # (out, in, k, k)
+
+
+class AttentionSlot:
+    """The q, k, v or out projection of an nn.MultiheadAttention (open_clip's text tower), whose
+    q, k and v live stacked in one `in_proj_weight`: what an adapter of it updates."""
+
+    PARTS = ("q", "k", "v", "out")
+
+    def __init__(self, attention: nn.MultiheadAttention, part: str):
+        self.attention, self.part = attention, part
+        self.in_features = self.out_features = attention.embed_dim
+
+    @property
+    def weight(self) -> Tensor:
+        """The projection's (D, D) weight, a view into the attention's parameters."""
+        if self.part == "out":
+            return self.attention.out_proj.weight
+        d, i = self.attention.embed_dim, self.PARTS.index(self.part)
+        return self.attention.in_proj_weight[i * d : (i + 1) * d]
+
+    def attach(self, adapter: LoRAModule) -> None:
+        if not isinstance(self.attention, LoRAMultiheadAttention):
+            self.attention.__class__ = LoRAMultiheadAttention  # same parameters and keys
+            self.attention.lora_adapters = {}
+        self.attention.lora_adapters[self.part] = adapter
+
+    def detach(self) -> None:
+        adapters = getattr(self.attention, "lora_adapters", {})
+        adapters.pop(self.part, None)
+        if not adapters and isinstance(self.attention, LoRAMultiheadAttention):
+            self.attention.__class__ = nn.MultiheadAttention
+
+
+class LoRAMultiheadAttention(nn.MultiheadAttention):
+    """nn.MultiheadAttention whose projections carry their adapters' weight updates (q, k, v
+    cannot be reached by a hook: they are computed inside the fused attention)."""
+
+    lora_adapters: dict[str, LoRAModule]
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, **options):
+        d = self.embed_dim
+        zero = self.in_proj_weight.new_zeros(d, d)
+        adapters = self.lora_adapters
+        deltas = [adapters[p].weight_delta() if p in adapters else zero for p in "qkv"]
+        in_proj = self.in_proj_weight + torch.cat(deltas).to(self.in_proj_weight.dtype)
+        out = adapters.get("out")
+        out_proj = self.out_proj.weight + (0 if out is None else out.weight_delta())
+        if self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        output, weights = nn.functional.multi_head_attention_forward(
+            query,
+            key,
+            value,
+            d,
+            self.num_heads,
+            in_proj,
+            self.in_proj_bias,
+            self.bias_k,
+            self.bias_v,
+            self.add_zero_attn,
+            self.dropout,
+            out_proj.to(in_proj.dtype),
+            self.out_proj.bias,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            **options,
+        )
+        return (output.transpose(0, 1) if self.batch_first else output), weights
 
 
 class LoRANetwork(nn.ModuleDict):
@@ -86,16 +156,21 @@ class LoRANetwork(nn.ModuleDict):
         self.layers: dict[str, nn.Module] = {}  # not submodules: they keep their own keys
         self.handles: list = []
 
-    def attach(self, layers: Mapping[str, nn.Module]) -> LoRANetwork:
+    def attach(self, layers: Mapping[str, nn.Module | AttentionSlot]) -> LoRANetwork:
         """Add each adapter's update to the output of `layers[name]` from now on."""
         self.layers = {name: layers[name] for name in self}
         for name, adapter in self.items():
-            self.handles.append(self.layers[name].register_forward_hook(_adding(adapter)))
+            layer = self.layers[name]
+            if isinstance(layer, AttentionSlot):
+                layer.attach(adapter)
+                self.handles.append(layer)
+            else:
+                self.handles.append(layer.register_forward_hook(_adding(adapter)))
         return self
 
     def detach_hooks(self) -> None:
         for handle in self.handles:
-            handle.remove()
+            handle.detach() if isinstance(handle, AttentionSlot) else handle.remove()
         self.handles.clear()
 
     @torch.no_grad()

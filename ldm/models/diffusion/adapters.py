@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from ldm.checkpoint import LORA_PREFIX, CheckpointError, read_state_dict
 from ldm.diffusers_layout import unet_module_names
 from ldm.modules import lora
-from ldm.modules.lora import LoRAModule, LoRANetwork
+from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
+from ldm.modules.lora import AttentionSlot, LoRAModule, LoRANetwork
 from ldm.util import ConfigError, to_plain
 
 logger = logging.getLogger(__name__)
@@ -67,12 +68,15 @@ def parse_lora_config(config: Mapping | None) -> dict[str, AdapterSpec]:
     return specs
 
 
-def part_layers(model, part: str, targets) -> dict[str, nn.Module]:
+def part_layers(model, part: str, targets) -> dict[str, nn.Module | AttentionSlot]:
     """{kohya name: layer} of one part of a LatentDiffusion model, for the named targets."""
     pattern = lora.targets_of(targets, PARTS[part], f"lora_config.{part}")
     if part == "unet":
         unet = model.model.diffusion_model
         return lora.adaptable_layers(unet, pattern, unet_module_names(unet), lora.UNET_PREFIX)
+    embedder = model.cond_stage_model
+    if isinstance(embedder, FrozenOpenCLIPEmbedder):
+        return open_clip_layers(embedder, targets)
     return lora.adaptable_layers(text_model(model), pattern, None, lora.TEXT_ENCODER_PREFIX)
 
 
@@ -81,10 +85,26 @@ def text_model(model) -> nn.Module:
     transformer = getattr(model.cond_stage_model, "transformer", None)
     if transformer is None or not hasattr(transformer, "text_model"):
         raise NotImplementedError(
-            f"text-encoder LoRA needs a CLIP text encoder in the transformers layout "
-            f"(FrozenCLIPEmbedder); {type(model.cond_stage_model).__name__} is not one yet"
+            f"text-encoder LoRA needs a CLIP text encoder (FrozenCLIPEmbedder or "
+            f"FrozenOpenCLIPEmbedder); {type(model.cond_stage_model).__name__} is neither"
         )
     return transformer
+
+
+def open_clip_layers(embedder: FrozenOpenCLIPEmbedder, targets) -> dict:
+    """{kohya name: layer} of SD 2's OpenCLIP text tower, named as kohya names its transformers
+    conversion (`..._encoder_layers_0_self_attn_q_proj`, `..._mlp_fc1`); blocks after the one
+    the embedder conditions on are left out (they would never get a gradient)."""
+    blocks = embedder.model.transformer.resblocks
+    layers = {}
+    for i, block in enumerate(blocks[: len(blocks) - embedder.layer_idx]):
+        stem = f"{lora.TEXT_ENCODER_PREFIX}text_model_encoder_layers_{i}_"
+        if "attn" in targets:
+            for part in AttentionSlot.PARTS:
+                layers[f"{stem}self_attn_{part}_proj"] = AttentionSlot(block.attn, part)
+        if "mlp" in targets:
+            layers[f"{stem}mlp_fc1"], layers[f"{stem}mlp_fc2"] = block.mlp.c_fc, block.mlp.c_proj
+    return layers
 
 
 def check_rank(name: str, layer: nn.Module, rank: int) -> None:
@@ -107,6 +127,11 @@ def build_lora(model, config: Mapping) -> tuple[LoRANetwork, dict[str, AdapterSp
             raise ConfigError(f"lora_config.{part}.targets {list(spec.targets)} match no layer")
         for name, layer in found.items():
             check_rank(name, layer, spec.rank)
+            if isinstance(layer, AttentionSlot) and spec.dropout:
+                raise ConfigError(
+                    f"lora_config.{part}.dropout {spec.dropout}: OpenCLIP's attention adapters "
+                    "update the fused q/k/v weights and take no dropout; set it to 0"
+                )
             adapters[name] = LoRAModule(layer, spec.rank, spec.scale_alpha, spec.dropout)
         layers.update(found)
     network = LoRANetwork(adapters).attach(layers)
@@ -148,13 +173,9 @@ def all_layers(model) -> dict[str, nn.Module]:
     everything = lora.targets_of(list(lora.UNET_TARGETS), lora.UNET_TARGETS, "unet")
     layers = lora.adaptable_layers(unet, everything, unet_module_names(unet), lora.UNET_PREFIX)
     layers |= lora.adaptable_layers(unet, everything, None, lora.UNET_PREFIX)
-    try:
-        te = text_model(model)
-    except NotImplementedError:
+    if model.cond_stage_model is None:
         return layers
-    targets = lora.TEXT_ENCODER_TARGETS
-    pattern = lora.targets_of(list(targets), targets, "text_encoder")
-    return layers | lora.adaptable_layers(te, pattern, None, lora.TEXT_ENCODER_PREFIX)
+    return layers | part_layers(model, "text_encoder", list(lora.TEXT_ENCODER_TARGETS))
 
 
 def file_adapters(state_dict: Mapping[str, Tensor], path) -> dict[str, dict[str, Tensor]]:
