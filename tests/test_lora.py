@@ -53,28 +53,35 @@ def pretrained(model):
 PROMPTS = ["a red circle", "a blue square on green"]
 
 
+def with_peft_adapters(reference: CLIPTextModel, network) -> CLIPTextModel:
+    """`reference` with peft's LoRA (rank 2, alpha 4) on the CLIP projections, holding the
+    weights of our adapters, found by kohya's naming rule: lora_te_ + the transformers module
+    path with dots as underscores."""
+    targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0)
+    reference = inject_adapter_in_model(config, reference).eval()
+    paths = {
+        "lora_te_text_model_" + path.replace(".", "_"): path
+        for path, _ in reference.named_modules()
+    }
+    assert set(network) <= set(paths)
+    weights = {}
+    for name, adapter in network.items():
+        weights[f"{paths[name]}.lora_A.default.weight"] = adapter.lora_down.weight
+        weights[f"{paths[name]}.lora_B.default.weight"] = adapter.lora_up.weight
+    result = reference.load_state_dict(weights, strict=False)
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lora_" in k]
+    return reference
+
+
 def test_text_encoder_adapters_match_peft_on_the_same_clip_model():
     model = tiny(TE_ONLY).eval()
     randomize_adapters(model)
     clip = model.cond_stage_model
     reference = CLIPTextModel(CLIPTextConfig(**clip.transformer.text_model.config.to_dict()))
     reference.load_state_dict(clip.transformer.text_model.state_dict())
-    targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0)
-    reference = inject_adapter_in_model(config, reference).eval()
-    # kohya's rule: lora_te_ + the transformers module path with dots as underscores
-    paths = {
-        "lora_te_text_model_" + path.replace(".", "_"): path
-        for path, _ in reference.named_modules()
-    }
-    weights = {}
-    for name, adapter in model.lora.items():
-        path = paths[name]
-        weights[f"{path}.lora_A.default.weight"] = adapter.lora_down.weight
-        weights[f"{path}.lora_B.default.weight"] = adapter.lora_up.weight
-    result = reference.load_state_dict(weights, strict=False)
-    assert not result.unexpected_keys
-    assert not [k for k in result.missing_keys if "lora_" in k]
+    reference = with_peft_adapters(reference, model.lora)
     tokens = clip.tokenize(PROMPTS)
     with torch.no_grad():
         expected = reference(input_ids=tokens).last_hidden_state
@@ -418,19 +425,7 @@ def test_sd2_text_encoder_adapters_match_peft_on_its_transformers_conversion():
     reference = diffusers_sd2_text_encoder(clip)  # from the base weights
     model.lora.attach(adapters.part_layers(model, "text_encoder", ["attn", "mlp"]))
     randomize_adapters(model)
-    targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0)
-    reference = inject_adapter_in_model(config, reference).eval()
-    paths = {
-        "lora_te_text_model_" + path.replace(".", "_"): path
-        for path, _ in reference.named_modules()
-    }
-    assert set(model.lora) <= set(paths)  # kohya's SD 2 names, and only blocks that are used
-    weights = {}
-    for name, adapter in model.lora.items():
-        weights[f"{paths[name]}.lora_A.default.weight"] = adapter.lora_down.weight
-        weights[f"{paths[name]}.lora_B.default.weight"] = adapter.lora_up.weight
-    assert not reference.load_state_dict(weights, strict=False).unexpected_keys
+    reference = with_peft_adapters(reference, model.lora)  # kohya's SD 2 names: they all exist
     tokens = clip.tokenize(PROMPTS)
     with torch.no_grad():
         expected = reference(input_ids=tokens).last_hidden_state
