@@ -17,9 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import (
-    EMA_PREFIX,
     CheckpointError,
-    filter_keys,
     fitting_state_dict,
     is_adapter_checkpoint,
     is_diffusers_folder,
@@ -81,12 +79,12 @@ def load_model(
         model.init_from_ckpt(ckpt, unsafe_pickle=unsafe_pickle)
         return model.to(device).eval(), config
     state_dict = read_state_dict(ckpt, unsafe_pickle=unsafe_pickle)
-    if is_adapter_checkpoint(state_dict):
-        model = adapter_run_model(ckpt, configs, state_dict, use_ema)
-        return model.to(device).eval(), inference_config(configs, keep_base=True)
     if use_ema:
         state_dict, swapped = swap_in_ema(state_dict)
         logger.info("%s: using %s weights", ckpt, "EMA" if swapped else "its (no EMA copy)")
+    if is_adapter_checkpoint(state_dict):
+        model, config = adapter_run_model(ckpt, configs, state_dict)
+        return model.to(device).eval(), config
     try:
         with torch.device("meta"):  # check the keys before building the real thing
             fitting_state_dict(instantiate_from_config(config.model), state_dict)
@@ -97,20 +95,17 @@ def load_model(
     return model.to(device).eval(), config
 
 
-def adapter_run_model(ckpt, configs: list, state_dict: dict, use_ema: bool) -> torch.nn.Module:
-    """A LoRA run's model: the base its config names (ckpt_path), the adapters from `ckpt`."""
+def adapter_run_model(ckpt, configs: list, state_dict: dict) -> tuple[torch.nn.Module, DictConfig]:
+    """(model, config) of a LoRA run: the base its config names (ckpt_path), the adapters
+    from `state_dict` (`ckpt`'s, its EMA already swapped in or not)."""
     config = inference_config(configs, keep_base=True)
     if "lora_config" not in config.model.params:
         raise CheckpointError(f"{ckpt} holds LoRA adapters, but its config has no lora_config")
     if config.model.params.get("ckpt_path") is None:
         logger.warning("%s: its config names no base (ckpt_path): the base is the run seed's", ckpt)
     model = instantiate_from_config(config.model)
-    if use_ema:
-        state_dict, swapped = swap_in_ema(state_dict)
-        logger.info("%s: using %s adapters", ckpt, "EMA" if swapped else "its (no EMA copy)")
-    state_dict = filter_keys(state_dict, [EMA_PREFIX])
-    load_weights(model, {**model.state_dict(), **state_dict})
-    return model
+    load_weights(model, {**model.state_dict(), **state_dict})  # an EMA copy is left out
+    return model, config
 
 
 def latent_factor(model) -> int:
