@@ -151,14 +151,22 @@ class LoRANetwork(nn.ModuleDict):
     layers' weights instead (exports, the scripts' --lora files).
     """
 
-    def __init__(self, adapters: Mapping[str, LoRAModule] | None = None):
+    def __init__(
+        self,
+        adapters: Mapping[str, LoRAModule] | None = None,
+        layers: Mapping[str, nn.Module | AttentionSlot] | None = None,
+    ):
         super().__init__(adapters)
-        self.layers: dict[str, nn.Module] = {}  # not submodules: they keep their own keys
+        self.layers: dict = {}  # not submodules: they keep their own keys
+        if layers is not None:
+            self.layers = {name: layers[name] for name in self}
         self.handles: list = []
 
-    def attach(self, layers: Mapping[str, nn.Module | AttentionSlot]) -> LoRANetwork:
-        """Add each adapter's update to the output of `layers[name]` from now on."""
-        self.layers = {name: layers[name] for name in self}
+    def attach(self, layers: Mapping[str, nn.Module | AttentionSlot] | None = None) -> LoRANetwork:
+        """Add each adapter's update to the output of its layer (`layers[name]`, or the layers
+        the network was built with) from now on."""
+        if layers is not None:
+            self.layers = {name: layers[name] for name in self}
         for name, adapter in self.items():
             layer = self.layers[name]
             if isinstance(layer, AttentionSlot):

@@ -134,7 +134,7 @@ def build_lora(model, config: Mapping) -> tuple[LoRANetwork, dict[str, AdapterSp
                 )
             adapters[name] = LoRAModule(layer, spec.rank, spec.scale_alpha, spec.dropout)
         layers.update(found)
-    network = LoRANetwork(adapters).attach(layers)
+    network = LoRANetwork(adapters, layers).attach()
     logger.info(
         "LoRA: %d adapters, %d parameters",
         len(adapters),
@@ -205,7 +205,7 @@ def load_lora_file(model, path: str | os.PathLike, multiplier: float = 1.0) -> i
             f"LoRA file {path} {what} this model ({len(unmatched)} of {len(modules)}, e.g. "
             f"{unmatched[:3]}); expected kohya names such as {sorted(layers)[:2]}"
         )
-    network = LoRANetwork()
+    adapters = {}
     for name, tensors in modules.items():
         down, up = tensors[".lora_down.weight"], tensors[".lora_up.weight"]
         rank = down.shape[0]
@@ -219,8 +219,8 @@ def load_lora_file(model, path: str | os.PathLike, multiplier: float = 1.0) -> i
             raise CheckpointError(
                 f"LoRA file {path}: {name} does not fit the model: {err}"
             ) from err
-        network[name] = adapter
-    network.layers = {name: layers[name] for name in network}
+        adapters[name] = adapter
+    network = LoRANetwork(adapters, layers)
     network.merge(multiplier)
     logger.info("%s: merged into %d layers (x %.2f)", path, len(network), multiplier)
     return len(network)
