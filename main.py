@@ -20,11 +20,11 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from ldm.callbacks import (
     AtomicCheckpointIO,
+    DataReport,
     NonFiniteLossGuard,
     RNGStateCallback,
     SaveOnInterrupt,
     SetupCallback,
-    SkippedImagesReport,
 )
 from ldm.checkpoint import (
     BEST_CHECKPOINT,
@@ -268,7 +268,7 @@ def make_callbacks(now, logdir, config, lightning_config, model) -> list[pl.Call
         RNGStateCallback(),
         NonFiniteLossGuard(),
         SaveOnInterrupt(ckptdir),
-        SkippedImagesReport(),
+        DataReport(),
         LearningRateMonitor(logging_interval="step"),
         *checkpoint_callbacks(ckptdir, getattr(model, "monitor", None), config, lightning_config),
     ]

@@ -219,26 +219,34 @@ class SaveOnInterrupt(pl.Callback):
         logger.info("interrupted at step %d: saved %s", trainer.global_step, path)
 
 
-class SkippedImagesReport(pl.Callback):
-    """Totals the unreadable images the data sets skipped (`batch["skipped"]`) per epoch."""
+# Per-item counts the data sets put in their items, and what a nonzero total means.
+DATA_COUNTS = {
+    "skipped": "unreadable images were skipped (see the warnings naming them)",
+    "empty_caption": "items had an empty caption (after tag dropout, if any): trained as "
+    "unconditional",
+}
+
+
+class DataReport(pl.Callback):
+    """Totals per epoch what the data sets counted in their items (`DATA_COUNTS`): unreadable
+    images skipped, empty captions; summed over this rank's workers."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.counts = dict.fromkeys(DATA_COUNTS, 0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        skipped = batch.get("skipped") if isinstance(batch, dict) else None
-        if skipped is not None:
-            self.count += int(torch.as_tensor(skipped).sum())
+        for key in DATA_COUNTS:
+            value = batch.get(key) if isinstance(batch, dict) else None
+            if value is not None:
+                self.counts[key] += int(torch.as_tensor(value).sum())
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.count:
-            logger.warning(
-                "epoch %d: %d unreadable images were skipped (see the warnings naming them)",
-                trainer.current_epoch,
-                self.count,
-            )
-        self.count = 0
+        for key, meaning in DATA_COUNTS.items():
+            if self.counts[key]:
+                log = logger.warning if key == "skipped" else logger.info
+                log("epoch %d: %d %s", trainer.current_epoch, self.counts[key], meaning)
+        self.counts = dict.fromkeys(DATA_COUNTS, 0)
 
 
 def to_uint8_grid(images: torch.Tensor, nrow: int) -> np.ndarray:

@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 from conftest import ROOT, load_config, run_ddp
-from torch.utils.data import default_collate
+from torch.utils.data import IterableDataset, default_collate
 
 import main
-from ldm.data import SyntheticShapes, WebDatasetShards
+from ldm.data import SyntheticShapes
 from ldm.data.cache import (
     CachedLatents,
+    CacheSource,
     LatentCache,
     build_cache,
     fingerprint,
@@ -31,8 +32,10 @@ def model():
 
 
 def build(model, dataset, root, shard_size=4, key="k") -> list[int]:
-    built = build_cache(model, dataset, root, key, shard_size, batch_size=3)
-    write_manifest(root, key, len(dataset), shard_size)
+    source = CacheSource(dataset, shard_size, "test")
+    keys = source.shard_keys(key)
+    built = build_cache(model, source, root, keys, batch_size=3)
+    write_manifest(root, key, keys, source.bucketed)
     return built
 
 
@@ -84,9 +87,11 @@ def test_cache_is_rebuilt_when_the_model_or_data_change(model, tmp_path):
 
 def test_ranks_split_the_shards(model, tmp_path):
     dataset = SyntheticShapes(size=32, length=10, seed=3)
-    ranks = [build_cache(model, dataset, tmp_path, "k", 3, 3, rank, 2) for rank in (0, 1)]
+    source = CacheSource(dataset, 3, "test")
+    keys = source.shard_keys("k")
+    ranks = [build_cache(model, source, tmp_path, keys, 3, rank, 2) for rank in (0, 1)]
     assert ranks == [[0, 2], [1, 3]]
-    write_manifest(tmp_path, "k", len(dataset), 3)
+    write_manifest(tmp_path, "k", keys, False)
     assert [item["caption"] for item in CachedLatents(tmp_path)] == [
         dataset[i]["caption"] for i in range(10)
     ]
@@ -143,12 +148,20 @@ def test_main_trains_on_the_cache_without_running_the_autoencoder(tmp_path, monk
     assert calls == {"encode": 0, "text": 1}  # the text encoder ran once, for the empty caption
 
 
-def test_streamed_data_cannot_be_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(WebDatasetShards, "__init__", lambda self, **kw: None)
-    monkeypatch.setattr(WebDatasetShards, "__iter__", lambda self: iter([]))
-    with pytest.raises(TypeError, match="streamed"):
+class EndlessStream(IterableDataset):
+    """A stream that cannot be read shard by shard."""
+
+    def __init__(self, **params):
+        super().__init__()
+
+    def __iter__(self):
+        return iter([])
+
+
+def test_a_stream_without_shards_cannot_be_cached(tmp_path):
+    with pytest.raises(TypeError, match="streamed data set \\(EndlessStream\\) that cannot"):
         train_cached(
-            tmp_path, "--max_steps", "1", "data.params.train.target=ldm.data.WebDatasetShards"
+            tmp_path, "--max_steps", "1", "data.params.train.target=test_cache.EndlessStream"
         )
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
 
-from ldm.callbacks import SkippedImagesReport
+from ldm.callbacks import DataReport
 from ldm.data import (
     DataModuleFromConfig,
     ImageCaptionFolder,
@@ -223,17 +223,17 @@ def test_skipped_images_are_totalled_per_epoch_across_workers(tmp_path, caplog):
         "params": {"root": str(tmp_path), "size": 8},
     }
     data = DataModuleFromConfig(batch_size=2, train=folder, num_workers=2)
-    report = SkippedImagesReport()
+    report = DataReport()
     for batch in data.train_dataloader():
         report.on_train_batch_end(None, None, None, batch, 0)
-    assert report.count == 1
+    assert report.counts["skipped"] == 1
 
     class Trainer:
         current_epoch = 0
 
     with caplog.at_level(logging.WARNING, logger="ldm.callbacks"):
         report.on_train_epoch_end(Trainer(), None)
-    assert "1 unreadable images were skipped" in caplog.text and report.count == 0
+    assert "1 unreadable images were skipped" in caplog.text and report.counts["skipped"] == 0
 
 
 def test_folder_of_only_corrupt_images_raises(tmp_path):

@@ -1,48 +1,56 @@
 """Precomputed first-stage latents and text embeddings on disk, so training skips VAE and CLIP.
 
 `LatentCache` (a Lightning callback, configured under `lightning.callbacks`) encodes each
-configured split of the data set once, before training, into safetensors shards:
+configured split of the data set once, before training, into safetensors shards (the layout is
+in `ldm.data.cache_files`), then serves the split from `CachedLatents`, whose items the model
+reads instead of images and captions. The posterior is stored rather than one sample of it, so
+each epoch still draws a fresh latent, as the uncached path does.
 
-    <dir>/<split>/shard-00000.safetensors   moments (n, 2C, h, w): the posterior's [mean | logvar]
-                                            context (n, L, D): the frozen text encoder's output
-                                            metadata: the cache key and the n captions (JSON)
-    <dir>/<split>/manifest.json             written last: the key, item count and shard size
+Map-style data sets (image folders, mixes, synthetic data) are cached `shard_size` items a
+shard; a webdataset source (`WebDatasetShards`) one cache shard per `.tar`. Bucketed data keeps
+each item's bucket, and the cache is served in the same one-bucket batches (exactly, resumably,
+split across ranks: a cached stream becomes map-style data).
 
-It then serves the split from `CachedLatents`, whose items the model reads instead of images and
-captions. The posterior is stored rather than one sample of it, so each epoch still draws a fresh
-latent, as the uncached path does. The key hashes everything that decides the contents (the
-first and condition stages' weights and configs, the data set's config and length, the
-precision): a cache whose key differs is rebuilt, shard by shard, so an interrupted build
-resumes. Under DDP each rank encodes every `world_size`-th shard, and rank 0 writes the manifest
-once all have finished.
+The key of the cache hashes everything that decides its contents: the first and condition
+stages' weights and configs, the data set's config, length and buckets, the precision. Each
+shard's key adds what its items are read from: for files, each file's size and modification
+time (`os.stat`), not a hash of its bytes, because the key is checked at every launch and
+reading a whole data set to hash it would take minutes for large ones; any rewrite of a file
+changes its mtime. (A tool that rewrites a file and then restores its old size and mtime would
+go unnoticed: delete the cache then.) A shard whose key differs is rebuilt, alone, so editing
+one image re-encodes one shard and an interrupted build resumes. Under DDP each rank encodes
+every `world_size`-th shard, and rank 0 writes the manifest once all have finished.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import move_data_to_device
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import Dataset, IterableDataset
 from tqdm import tqdm
 
-from ldm.checkpoint import write_atomically
-from ldm.models.diffusion.conditioning import CONTEXT_KEY, MOMENTS_KEY
-from ldm.util import ConfigError, batch_item, to_plain
+from ldm.data.buckets import item_sizes
+from ldm.data.cache_files import (
+    CACHE_FORMAT,
+    CachedLatents,
+    read_manifest,
+    shard_key,
+    shard_path,
+    write_manifest,
+    write_shard,
+)
+from ldm.util import ConfigError, to_plain
 
 logger = logging.getLogger(__name__)
 
-# Bumped when the layout of the files changes, so older caches are rebuilt.
-CACHE_FORMAT = 1
-MANIFEST = "manifest.json"
+__all__ = ["CachedLatents", "LatentCache", "build_cache", "fingerprint", "write_manifest"]
 
 
 def fingerprint(model: torch.nn.Module, identity: Mapping) -> str:
@@ -59,128 +67,81 @@ def fingerprint(model: torch.nn.Module, identity: Mapping) -> str:
     return digest.hexdigest()
 
 
-def shard_path(root: Path, shard: int) -> Path:
-    return root / f"shard-{shard:05d}.safetensors"
+class CacheSource:
+    """A split's data set as cache shards: how many, what each one's key hashes, its items.
 
+    Map-style data: `shard_size` items a shard, keyed by each item's `item_identity` (file
+    sizes and mtimes) where the data set has one. A stream: one shard per `.tar` (it must have
+    `shard_items` and `shard_identity`, as `WebDatasetShards` does).
+    """
 
-def shard_key(path: Path) -> str | None:
-    """The cache key a shard was written with, or None if it is missing or unreadable."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("key")
-    except Exception:  # a half-written or foreign file: rebuilt
-        return None
+    def __init__(self, dataset: Dataset, shard_size: int, where: str):
+        self.dataset, self.shard_size = dataset, shard_size
+        self.streamed = isinstance(dataset, IterableDataset)
+        if self.streamed and not hasattr(dataset, "shard_items"):
+            raise TypeError(
+                f"LatentCache: {where} is a streamed data set ({type(dataset).__name__}) that "
+                "cannot be read shard by shard; cache map-style data or WebDatasetShards"
+            )
+        self.bucketed = item_sizes(dataset) is not None or getattr(dataset, "spec", None)
+        self.bucketed = bool(self.bucketed)
 
+    def __len__(self) -> int:
+        if self.streamed:
+            return len(self.dataset.shards)
+        return -(-len(self.dataset) // self.shard_size)
 
-@torch.no_grad()
-def encode_batch(model, batch: Mapping) -> dict[str, torch.Tensor]:
-    """The model's posterior moments (B, 2C, h, w) and, for a frozen text encoder, its context."""
-    posterior = model.first_stage_posterior(move_data_to_device(batch, model.device))
-    out = {MOMENTS_KEY: posterior.parameters.float().cpu()}
-    if model.cond_stage_model is not None and not model.cond_stage_trainable:
-        captions = list(batch_item(batch, model.cond_stage_key))
-        out[CONTEXT_KEY] = model.get_learned_conditioning(captions).float().cpu()  # (B, L, D)
-    return out
+    def identity(self) -> dict:
+        """What of the data set goes into the cache key besides its config."""
+        if self.streamed:
+            return {"shards": list(self.dataset.shards)}
+        return {"length": len(self.dataset), "buckets": item_sizes(self.dataset)}
 
+    def indices(self, shard: int) -> range:
+        start = shard * self.shard_size
+        return range(start, min(start + self.shard_size, len(self.dataset)))
 
-def encode_shard(model, dataset: Dataset, indices: range, batch_size: int, context) -> tuple:
-    """({key: (n, ...) tensor}, captions) of the items at `indices`, encoded in batches; no
-    captions for an unconditional model."""
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size)
-    parts, captions = [], []
-    for batch in loader:
-        with context():
-            parts.append(encode_batch(model, batch))
-        if model.cond_stage_model is not None:
-            captions += list(batch_item(batch, model.cond_stage_key))
-    tensors = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-    return tensors, captions
+    def shard_keys(self, key: str) -> list[str]:
+        """Each shard's key: `key` and the identities of what the shard is read from."""
+        keys = []
+        for shard in range(len(self)):
+            if self.streamed:
+                parts = [self.dataset.shard_identity(shard)]
+            else:
+                identity = getattr(self.dataset, "item_identity", None)
+                parts = [identity(i) if identity else str(i) for i in self.indices(shard)]
+            keys.append(hashlib.sha256("\n".join([key, *parts]).encode()).hexdigest())
+        return keys
+
+    def rows(self, shard: int) -> Iterator[tuple[int, Mapping]]:
+        """(row, item) of one shard, row 0 first."""
+        if self.streamed:
+            return enumerate(self.dataset.shard_items(shard))
+        start = shard * self.shard_size
+        return ((i - start, self.dataset[i]) for i in self.indices(shard))
 
 
 def build_cache(
     model,
-    dataset: Dataset,
+    source: CacheSource,
     root: Path,
-    key: str,
-    shard_size: int,
+    shard_keys: Sequence[str],
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
     context=torch.no_grad,
 ) -> list[int]:
-    """Encode this rank's out-of-date shards of `dataset` into `root`; returns the shards built.
+    """Encode this rank's out-of-date shards of `source` into `root`; returns the shards built.
 
     Rank 0 writes the manifest separately (`write_manifest`), after every rank has finished.
     """
     root.mkdir(parents=True, exist_ok=True)
-    n_shards = -(-len(dataset) // shard_size)
-    stale = [s for s in range(rank, n_shards, world_size) if shard_key(shard_path(root, s)) != key]
+    shards = range(rank, len(shard_keys), world_size)
+    stale = [s for s in shards if shard_key(shard_path(root, s)) != shard_keys[s]]
     for shard in tqdm(stale, desc=f"caching {root.name} latents", disable=rank != 0 or not stale):
-        indices = range(shard * shard_size, min((shard + 1) * shard_size, len(dataset)))
-        tensors, captions = encode_shard(model, dataset, indices, batch_size, context)
-        metadata = {"key": key, "captions": json.dumps(captions)}
-        write_atomically(
-            shard_path(root, shard), functools.partial(save_file, tensors, metadata=metadata)
-        )
+        rows = source.rows(shard)
+        write_shard(model, rows, shard_path(root, shard), shard_keys[shard], batch_size, context)
     return stale
-
-
-def write_manifest(root: Path, key: str, length: int, shard_size: int) -> None:
-    """Mark the cache complete; shards beyond `length` (from a longer data set) are removed."""
-    n_shards = -(-length // shard_size)
-    for extra in root.glob("shard-*.safetensors"):
-        if int(extra.stem.split("-")[1]) >= n_shards:
-            extra.unlink()
-    manifest = {"format": CACHE_FORMAT, "key": key, "length": length, "shard_size": shard_size}
-    text = json.dumps(manifest, indent=1)
-    write_atomically(root / MANIFEST, lambda tmp: Path(tmp).write_text(text))
-
-
-def read_manifest(root: Path) -> dict | None:
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if manifest.get("format") == CACHE_FORMAT else None
-
-
-class CachedLatents(Dataset):
-    """Items `{moments, context, <caption_key>: str}` read from a cache that `LatentCache` built.
-
-    Shards are memory-mapped on first use in each process (DataLoader workers included).
-    """
-
-    def __init__(self, root: str | Path, key: str | None = None, caption_key: str = "caption"):
-        self.root, self.caption_key = Path(root), caption_key
-        manifest = read_manifest(self.root)
-        if manifest is None:
-            raise FileNotFoundError(f"{self.root}: no complete latent cache ({MANIFEST} missing)")
-        if key is not None and manifest["key"] != key:
-            raise ValueError(f"{self.root}: the cache was built for another model or data set")
-        self.length, self.shard_size = manifest["length"], manifest["shard_size"]
-        self.key = manifest["key"]
-        self._open: dict[int, tuple] = {}
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_open": {}}  # file handles stay in the process that made them
-
-    def shard(self, shard: int) -> tuple:
-        """(safetensors handle, captions) of one shard, opened once per process."""
-        if shard not in self._open:
-            handle = safe_open(shard_path(self.root, shard), framework="pt")
-            self._open[shard] = handle, json.loads(handle.metadata()["captions"])
-        return self._open[shard]  # captions: [] for an unconditional model
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for a cache of {self.length} items")
-        handle, captions = self.shard(index // self.shard_size)
-        row = index % self.shard_size
-        item = {key: handle.get_slice(key)[row] for key in handle.keys()}
-        return {**item, self.caption_key: captions[row]} if captions else item
 
 
 class LatentCache(pl.Callback):
@@ -222,58 +183,90 @@ class LatentCache(pl.Callback):
 
     def cached(self, trainer: pl.Trainer, model, data, split: str) -> CachedLatents:
         dataset = data.datasets[split]
-        if isinstance(dataset, IterableDataset):
-            raise TypeError(
-                f"LatentCache: data.params.{split} is a streamed data set "
-                f"({type(dataset).__name__}); only map-style data sets can be cached"
-            )
+        source = CacheSource(dataset, self.shard_size, f"data.params.{split}")
         if any(w != 1 for w in getattr(dataset, "loss_weights", ())):
             raise ConfigError(
                 f"LatentCache: data.params.{split} weighs its items ({dataset}), and the cache "
                 "keeps no loss weights: train this mix without the cache"
             )
-        warn_if_augmented(data.dataset_configs[split], split)
+        encoder = model.cond_stage_model
+        if not model.cond_stage_trainable and getattr(encoder, "long_prompts", "") == "chunk":
+            raise ConfigError(
+                "LatentCache: the text encoder has long_prompts: chunk, whose contexts differ in "
+                "length from caption to caption, and the cache stores them for batches of one "
+                "length; train with the cache and long_prompts: truncate, or without the cache"
+            )
+        warn_if_augmented(data.dataset_configs[split], split, dataset)
         identity = {
             "format": CACHE_FORMAT,
             "data": data.dataset_configs[split],
-            "length": len(dataset),
             "model": model.cache_identity,
             "precision": str(trainer.precision),
             "shard_size": self.shard_size,
+            **source.identity(),
         }
         key = fingerprint(model, identity)
+        shard_keys = source.shard_keys(key)
         root = self.dir / split
-        strategy = trainer.strategy
         manifest = read_manifest(root)
-        if manifest is None or manifest["key"] != key:
-            was_training = model.training
-            model.eval()
-            built = build_cache(
-                model,
-                dataset,
-                root,
-                key,
-                self.shard_size,
-                self.batch_size,
-                trainer.global_rank,
-                trainer.world_size,
-                trainer.precision_plugin.forward_context,
-            )
-            model.train(was_training)
-            strategy.barrier("latent_cache_built")
+        if manifest is None or (manifest["key"], manifest["shard_keys"]) != (key, shard_keys):
+            self.build(trainer, model, source, root, shard_keys)
             if trainer.global_rank == 0:
-                write_manifest(root, key, len(dataset), self.shard_size)
-                logger.info("%s: cached %d shards of %s", root, len(built), split)
-        strategy.barrier("latent_cache_ready")
-        return CachedLatents(root, key, model.cond_stage_key)
+                write_manifest(root, key, shard_keys, source.bucketed)
+        trainer.strategy.barrier("latent_cache_ready")
+        cached = CachedLatents(root, key, model.cond_stage_key)
+        if split == "train":
+            warn_small_buckets(cached, data.batch_size)
+        return cached
+
+    def build(self, trainer: pl.Trainer, model, source: CacheSource, root: Path, keys) -> None:
+        """Encode this rank's stale shards in eval mode, then wait for every rank."""
+        was_training = model.training
+        model.eval()
+        built = build_cache(
+            model,
+            source,
+            root,
+            keys,
+            self.batch_size,
+            trainer.global_rank,
+            trainer.world_size,
+            trainer.precision_plugin.forward_context,
+        )
+        model.train(was_training)
+        trainer.strategy.barrier("latent_cache_built")
+        if trainer.global_rank == 0:
+            logger.info("%s: cached %d of %d shards", root, len(built), len(keys))
 
 
-def warn_if_augmented(config: Mapping, split: str) -> None:
-    """Random flips and crops are frozen into a cache at build time: say so."""
+def warn_if_augmented(config: Mapping, split: str, dataset) -> None:
+    """Random flips, crops and caption changes are frozen into a cache at build time: say so."""
     params = config.get("params") or {}
     if params.get("flip_p") or params.get("crop") == "random":
         logger.warning(
             "LatentCache: data.params.%s has random flips or crops; the cache keeps the ones "
             "drawn while building it, the same every epoch",
             split,
+        )
+    if getattr(dataset, "random_captions", False):
+        logger.warning(
+            "LatentCache: data.params.%s shuffles or drops caption tags; the cache keeps the "
+            "captions drawn while building it, the same every epoch",
+            split,
+        )
+
+
+def warn_small_buckets(cached: CachedLatents, batch_size: int) -> None:
+    """A cached stream keeps each image's bucket: those that cannot fill a batch are left out."""
+    if cached.bucket_sizes is None:
+        return
+    small = {size: n for size, n in Counter(cached.bucket_sizes).items() if n < batch_size}
+    if small:
+        logger.warning(
+            "LatentCache: %d cached items in %d buckets with fewer than batch_size %d items are "
+            "never in a batch: %s",
+            sum(small.values()),
+            len(small),
+            batch_size,
+            ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(small.items())),
         )

@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.data.buckets import BucketBatchSampler, bucket_summary, item_sizes, merge_small_buckets
 from ldm.data.sampler import (
     ResumableLoader,
     ResumableSampler,
@@ -122,6 +123,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         for split, config in self.dataset_configs.items():
             if split not in self.datasets:
                 dataset = instantiate_from_config(config)
+                if split == "train":
+                    self.merge_small_buckets(dataset)
                 self.datasets[split] = WrappedDataset(dataset) if self.wrap else dataset
                 logger.info("%s data: %s", split, describe(dataset))
         train = self.datasets.get("train")
@@ -131,6 +134,13 @@ class DataModuleFromConfig(pl.LightningDataModule):
                     f"data.params.train has {len(train)} items, fewer than batch_size "
                     f"{self.batch_size}: the train loader drops partial batches, so none is left"
                 )
+
+    def merge_small_buckets(self, dataset: Any) -> None:
+        """Merge the buckets too small to fill a batch into their neighbours."""
+        sizes = item_sizes(dataset)
+        if sizes is not None:
+            dataset.merge_buckets(merge_small_buckets(sizes, self.batch_size))
+            logger.info("train buckets: %s", bucket_summary(item_sizes(dataset)))
 
     def dataloader(self, split: str) -> DataLoader:
         """The DataLoader of one configured split."""
@@ -149,10 +159,24 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if isinstance(dataset, IterableDataset):
             if split == "train":
                 self.warn_if_resuming_mid_epoch(dataset)
+            if getattr(dataset, "spec", None) is not None:  # bucketed: it batches by bucket
+                dataset.batch_by_bucket(self.batch_size)
+                common["batch_size"] = None
             return DataLoader(dataset, **common)
         shuffle = split == "train" or self.shuffle.get(split, False)
-        sampler = ResumableSampler(len(dataset), shuffle, self.seed, keyed=True)
+        sizes = item_sizes(dataset)
         dataset = SeededItems(dataset, self.seed)
+        if sizes is not None:  # one bucket a batch
+            common.pop("batch_size")
+            batches = BucketBatchSampler(
+                sizes, self.batch_size, self.seed, shuffle, drop_last=split == "train"
+            )
+            if split != "train":
+                return DataLoader(dataset, batch_sampler=batches, **common)
+            return ResumableLoader(
+                dataset, batch_sampler=batches, progress=self.batches_taken, **common
+            )
+        sampler = ResumableSampler(len(dataset), shuffle, self.seed, keyed=True)
         if split != "train":
             return DataLoader(dataset, sampler=sampler, **common)
         return ResumableLoader(

@@ -1,29 +1,45 @@
-"""A folder of captioned images as a map-style data set, plus the image transform shared by all
-file-backed data sets (resize the shorter side, square crop, optional flip, scale to [-1, 1]).
+"""A folder of captioned images as a map-style data set, square-cropped or in aspect-ratio
+buckets (`ldm.data.buckets`), with optional caption augmentation and loss masks.
 
 Captions come from a sibling `name.txt` per image, or from a `metadata.jsonl` in the root with
-one `{"file_name": ..., "text": ...}` per line (the Hugging Face image-folder convention).
+one `{"file_name": ..., "text": ...}` per line (the Hugging Face image-folder convention), or
+one `caption` for all. A loss mask is a sibling `name.mask.png` (`masks: file`; files named
+`*.mask.*` are never taken for images) or the image's alpha channel (`masks: alpha`).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-from collections.abc import Sequence
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+
+from ldm.data.buckets import BucketSpec, Size, bucket_summary, cover_scale, image_size
+from ldm.data.captions import CaptionOptions
+from ldm.data.transform import (
+    IMAGE_ERRORS,
+    MASK_MODES,
+    ImageTransform,
+    alpha_mask,
+    open_image,
+    open_rgb,
+    to_unit_range,
+)
+from ldm.util import ConfigError
+
+__all__ = ["IMAGE_ERRORS", "ImageCaptionFolder", "ImageTransform", "open_rgb", "to_unit_range"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
-CROPS = ("center", "random")
-# What Pillow raises for truncated, corrupt or absurdly large files.
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+MASK_SUFFIX = ".mask.png"
+SMALL_IMAGES = ("upscale", "skip")
 MAX_LISTED = 5  # file names quoted in an error message before "and N more"
 
 
@@ -34,63 +50,21 @@ def list_some(items: Sequence[object]) -> str:
     return shown + (f" and {rest} more" if rest > 0 else "")
 
 
-def open_rgb(source: str | Path | bytes) -> Image.Image:
-    """Fully decode an image file (path or bytes) to RGB, honouring its EXIF orientation."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        image.load()  # decode now, so corrupt data fails here and not in a later resize
-        return ImageOps.exif_transpose(image).convert("RGB")
+def is_mask_file(path: Path) -> bool:
+    return path.stem.lower().endswith(".mask")
 
 
-def to_unit_range(image: Image.Image | np.ndarray) -> np.ndarray:
-    """uint8 RGB image or array -> float32 array (H, W, 3) in [-1, 1]."""
-    return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-
-
-class ImageTransform:
-    """Resize the shorter side to `size`, crop `size`×`size`, maybe flip, scale to [-1, 1]."""
-
-    def __init__(self, size: int, crop: str = "center", flip_p: float = 0.0) -> None:
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"param 'size' must be a positive int (pixels), got {size!r}")
-        if crop not in CROPS:
-            raise ValueError(f"param 'crop' must be one of {CROPS}, got {crop!r}")
-        if not 0.0 <= flip_p <= 1.0:
-            raise ValueError(f"param 'flip_p' must be a probability in [0, 1], got {flip_p!r}")
-        self.size, self.crop, self.flip_p = size, crop, flip_p
-
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """PIL image -> float32 array (size, size, 3) in [-1, 1]."""
-        image = self.resize(image.convert("RGB"))
-        image = image.crop(self.crop_box(*image.size))
-        # np.random is seeded per item from (seed, epoch, index) for map-style data
-        # (SeededItems), per DataLoader worker for streamed data
-        if self.flip_p > 0 and np.random.random() < self.flip_p:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_unit_range(image)
-
-    def resize(self, image: Image.Image) -> Image.Image:
-        """Scale so that the shorter side is `size` (bicubic, antialiased when shrinking)."""
-        width, height = image.size
-        if min(width, height) == self.size:
-            return image
-        scale = self.size / min(width, height)
-        new_size = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
-        return image.resize(new_size, Image.Resampling.BICUBIC)
-
-    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
-        """(left, top, right, bottom) of the square crop, centred or uniformly random."""
-        if self.crop == "center":
-            left, top = (width - self.size) // 2, (height - self.size) // 2
-        else:
-            left = np.random.randint(0, width - self.size + 1)
-            top = np.random.randint(0, height - self.size + 1)
-        return left, top, left + self.size, top + self.size
+def mask_path(image: Path) -> Path:
+    """The sibling mask file of an image: `photo.jpg` -> `photo.mask.png`."""
+    return image.with_name(image.stem + MASK_SUFFIX)
 
 
 def find_images(root: Path) -> list[Path]:
-    """Image files under `root`, recursively, in sorted order."""
+    """Image files under `root`, recursively, in sorted order (mask files left out)."""
     return sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not is_mask_file(p)
     )
 
 
@@ -109,21 +83,39 @@ def read_metadata(path: Path, caption_key: str) -> tuple[list[Path], list[str]]:
             raise ValueError(f"{path}, line {number}: missing keys {missing}; has {sorted(row)}")
         images.append(path.parent / row["file_name"])
         captions.append(str(row[caption_key]))
+    repeated = sorted(str(p) for p, n in Counter(images).items() if n > 1)
+    if repeated:
+        raise ValueError(
+            f"{path} names {len(repeated)} files more than once: {list_some(repeated)}; give each "
+            "image one line (for more of an image, use ldm.data.mix.DataMix's repeats)"
+        )
     absent = [str(p) for p in images if not p.is_file()]
     if absent:
         raise FileNotFoundError(f"{path} names {len(absent)} missing files: {list_some(absent)}")
     return images, captions
 
 
+def file_identity(path: Path) -> str:
+    """`path:size:mtime_ns`, which changes when the file is rewritten."""
+    stat = os.stat(path)
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 class ImageCaptionFolder(Dataset):
     """Images under `root` (recursive) with `.txt` or `metadata.jsonl` captions, or one
     `caption` for all (a DreamBooth folder's instance or class prompt); items are
-    `{"image": float32 (size, size, 3) in [-1, 1], "caption": str}`.
+    `{"image": float32 (H, W, 3) in [-1, 1], "caption": str, "skipped": int,
+    "empty_caption": 0 or 1}`, plus `"mask"` (H, W, 1) in [0, 1] with `masks`.
 
-    Unreadable images are skipped with a warning and replaced by the next readable item; their
-    paths collect in `skipped_files` (per process: each DataLoader worker keeps its own set),
-    and each item's `"skipped"` counts the files passed over to produce it, so that
-    `ldm.callbacks.SkippedImagesReport` can total them per epoch across workers.
+    Without `buckets` every image is resized and cropped to `size`×`size`; with them (a
+    `BucketSpec` mapping) to the bucket nearest its aspect ratio (`bucket_sizes`, one per item).
+    An image smaller than its crop is upscaled with a warning, or with `small_images: skip`
+    left out (both counted once, when the folder is read). `captions` are `CaptionOptions`.
+
+    Unreadable images are skipped with a warning and replaced by the next readable item (cropped
+    to the skipped one's size); their paths collect in `skipped_files` (per process: each
+    DataLoader worker keeps its own set), and each item's `"skipped"` counts the files passed
+    over to produce it, so that `ldm.callbacks.DataReport` can total them per epoch.
     """
 
     def __init__(
@@ -134,28 +126,46 @@ class ImageCaptionFolder(Dataset):
         flip_p: float = 0.0,
         caption_key: str = "text",
         caption: str | None = None,
+        buckets: Mapping | None = None,
+        captions: Mapping | None = None,
+        masks: str | None = None,
+        small_images: str = "upscale",
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageCaptionFolder: root {str(self.root)!r} is not a folder")
+        if masks not in (None, *MASK_MODES) or small_images not in SMALL_IMAGES:
+            raise ConfigError(
+                f"ImageCaptionFolder: masks {masks!r} / small_images {small_images!r}; expected "
+                f"masks in {(None, *MASK_MODES)} and small_images in {SMALL_IMAGES}"
+            )
         self.transform = ImageTransform(size, crop, flip_p)
+        self.spec, self.caption_options = BucketSpec.parse(buckets), CaptionOptions.parse(captions)
+        self.masks, self.fixed_caption = masks, caption
         self.skipped_files: set[Path] = set()
+        self.images, self.captions = self.list_images(caption_key)
+        self.sizes = [self.read_size(path) for path in self.images]
+        self.targets = [self.natural_target(size) for size in self.sizes]
+        self.remap: dict[Size, Size] = {}
+        self.handle_small_images(small_images)
+        if masks == "file":
+            self.check_masks()
+        self.log_contents()
+
+    def list_images(self, caption_key: str) -> tuple[list[Path], list[str] | None]:
         metadata = self.root / METADATA_FILE
-        self.fixed_caption = caption
-        if caption is not None:
-            self.images, self.captions = find_images(self.root), None
+        if self.fixed_caption is not None:
+            images, captions = find_images(self.root), None
         elif metadata.is_file():
-            self.images, self.captions = read_metadata(metadata, caption_key)
+            images, captions = read_metadata(metadata, caption_key)
         else:
-            self.images, self.captions = self.images_with_txt_captions(), None
-        if not self.images:
+            images, captions = self.images_with_txt_captions(), None
+        if not images:
             raise FileNotFoundError(
                 f"ImageCaptionFolder: no images in {str(self.root)!r} "
                 f"(looked recursively for {', '.join(IMAGE_EXTENSIONS)} or a {METADATA_FILE})"
             )
-        source = METADATA_FILE if self.captions is not None else ".txt files"
-        source = f"caption: {caption!r}" if caption is not None else source
-        logger.info("%s: %d images, captions from %s", self.root, len(self.images), source)
+        return images, captions
 
     def images_with_txt_captions(self) -> list[Path]:
         """Every image under root; each must have a sibling `name.txt`."""
@@ -170,6 +180,89 @@ class ImageCaptionFolder(Dataset):
             )
         return images
 
+    @staticmethod
+    def read_size(path: Path) -> Size | None:
+        """The image's shown (width, height), or None when its header is unreadable (the image
+        is then skipped when loaded)."""
+        try:
+            return image_size(path)
+        except IMAGE_ERRORS:
+            return None
+
+    def natural_target(self, size: Size | None) -> Size:
+        """The crop an image of `size` gets: its nearest bucket, or the square."""
+        square = (self.transform.size, self.transform.size)
+        if self.spec is None:
+            return square
+        return self.spec.nearest(size or (1, 1))
+
+    def handle_small_images(self, policy: str) -> None:
+        """Upscale (with a warning) or leave out the images smaller than their crop."""
+        small = [
+            i
+            for i, (size, target) in enumerate(zip(self.sizes, self.targets, strict=True))
+            if size is not None and cover_scale(size, target) > 1
+        ]
+        if not small:
+            return
+        names = list_some([self.images[i].name for i in small])
+        if policy == "upscale":
+            logger.warning(
+                "%s: %d images are smaller than their crop and are upscaled (blurrier than the "
+                "rest; small_images: skip leaves them out): %s",
+                self.root,
+                len(small),
+                names,
+            )
+            return
+        keep = sorted(set(range(len(self.images))) - set(small))
+        logger.warning(
+            "%s: %d images smaller than their crop are left out (small_images: skip): %s",
+            self.root,
+            len(small),
+            names,
+        )
+        if not keep:
+            raise ValueError(f"ImageCaptionFolder {str(self.root)!r}: every image is too small")
+        self.images = [self.images[i] for i in keep]
+        self.captions = [self.captions[i] for i in keep] if self.captions is not None else None
+        self.sizes = [self.sizes[i] for i in keep]
+        self.targets = [self.targets[i] for i in keep]
+
+    def check_masks(self) -> None:
+        """Every `name.mask.png` has its image's size (images without one train unmasked)."""
+        wrong = []
+        for image, size in zip(self.images, self.sizes, strict=True):
+            mask = mask_path(image)
+            if mask.is_file() and size is not None and image_size(mask) != size:
+                wrong.append(f"{mask.name} {image_size(mask)} vs {image.name} {size}")
+        if wrong:
+            raise ValueError(
+                f"ImageCaptionFolder {str(self.root)!r}: {len(wrong)} masks differ in size "
+                f"(width, height) from their image: {list_some(wrong)}"
+            )
+
+    def log_contents(self) -> None:
+        source = METADATA_FILE if self.captions is not None else ".txt files"
+        source = f"caption: {self.fixed_caption!r}" if self.fixed_caption is not None else source
+        shapes = f", buckets {bucket_summary(self.targets)}" if self.spec is not None else ""
+        logger.info("%s: %d images, captions from %s%s", self.root, len(self), source, shapes)
+
+    @property
+    def bucket_sizes(self) -> list[Size] | None:
+        """Each item's crop (width, height) when bucketed (small buckets merged), else None."""
+        if self.spec is None:
+            return None
+        return [self.remap.get(target, target) for target in self.targets]
+
+    def merge_buckets(self, merged: Mapping[Size, Size]) -> None:
+        """Crop the items of each bucket in `merged` to the bucket it maps to."""
+        self.remap = dict(merged)
+
+    @property
+    def random_captions(self) -> bool:
+        return self.caption_options.is_random
+
     @property
     def skipped(self) -> int:
         """How many distinct unreadable files this process has skipped."""
@@ -179,28 +272,50 @@ class ImageCaptionFolder(Dataset):
         return len(self.images)
 
     def caption(self, index: int) -> str:
-        """The caption of image `index`."""
+        """The caption of image `index`, as stored (before `captions` augment it)."""
         if self.fixed_caption is not None:
             return self.fixed_caption
         if self.captions is not None:
             return self.captions[index]
         return self.images[index].with_suffix(".txt").read_text(encoding="utf-8").strip()
 
-    def load(self, index: int) -> dict[str, np.ndarray | str]:
-        """Item `index`, raising if its files cannot be read."""
-        image = self.transform(open_rgb(self.images[index]))
-        return {"image": image, "caption": self.caption(index)}
+    def item_identity(self, index: int) -> str:
+        """What changes when item `index`'s files or caption do: size and mtime of the image,
+        its .txt and its mask, and an in-memory caption's text (for the latent cache's key)."""
+        image = self.images[index]
+        files = (image, image.with_suffix(".txt"), mask_path(image))
+        parts = [file_identity(path) for path in files if path.is_file()]
+        return "|".join([*parts, self.caption(index) if self.captions is not None else ""])
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
+    def target(self, index: int) -> Size:
+        target = self.targets[index]
+        return self.remap.get(target, target)
+
+    def load(self, index: int, target: Size) -> dict[str, np.ndarray | str | int]:
+        """Item `index` cropped to `target`, raising if its files cannot be read."""
+        image = open_image(self.images[index])
+        mask = None
+        if self.masks == "alpha":
+            mask = alpha_mask(image)
+        elif self.masks == "file" and mask_path(self.images[index]).is_file():
+            mask = open_image(mask_path(self.images[index]))
+        elif self.masks == "file":
+            mask = alpha_mask(image.convert("RGB"))  # no mask file: every pixel counts
+        caption = self.caption_options(self.caption(index))
+        out = self.transform(image, target, mask)
+        return {**out, "caption": caption, "empty_caption": int(not caption)}
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray | str | int]:
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images in {self.root}")
+        target = self.target(index)
         for offset in range(n):
             i = (index + offset) % n
             if self.images[i] in self.skipped_files:
                 continue
             try:
-                return {**self.load(i), "skipped": offset}
+                return {**self.load(i, target), "skipped": offset}
             except IMAGE_ERRORS as err:
                 self.skipped_files.add(self.images[i])
                 logger.warning("skipping unreadable image %s: %s", self.images[i], err)

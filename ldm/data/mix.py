@@ -29,6 +29,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ldm.data.buckets import Size, item_sizes
 from ldm.models.diffusion.conditioning import LOSS_WEIGHT_KEY
 from ldm.util import ConfigError, instantiate_from_config, to_plain
 
@@ -85,13 +86,45 @@ class DataMix(Dataset):
         """Each source's loss weight."""
         return [source.loss_weight for source in self.sources]
 
-    def __getitem__(self, index: int) -> dict:
+    @property
+    def bucket_sizes(self) -> list[Size] | None:
+        """Each item's bucket when the sources are bucketed (all of them or none)."""
+        sizes = [item_sizes(source.dataset) for source in self.sources]
+        if all(s is None for s in sizes):
+            return None
+        if any(s is None for s in sizes):
+            raise ConfigError(
+                "DataMix: some sources have buckets and some not; a batch holds one bucket, "
+                "so give every source the same `buckets:`"
+            )
+        repeated = [s * source.repeats for s, source in zip(sizes, self.sources, strict=True)]
+        return [size for s in repeated for size in s]
+
+    def merge_buckets(self, merged: Mapping[Size, Size]) -> None:
+        for source in self.sources:
+            source.dataset.merge_buckets(merged)
+
+    @property
+    def random_captions(self) -> bool:
+        return any(getattr(source.dataset, "random_captions", False) for source in self.sources)
+
+    def locate(self, index: int) -> tuple[Source, int]:
+        """The source of item `index` and the index in its data set."""
         if not 0 <= index < len(self):
             raise IndexError(f"DataMix index {index} out of range for {len(self)} items")
         which = bisect.bisect_right(self.ends, index)
         source = self.sources[which]
         start = self.ends[which - 1] if which else 0
-        item = dict(source.dataset[(index - start) % len(source.dataset)])
+        return source, (index - start) % len(source.dataset)
+
+    def item_identity(self, index: int) -> str:
+        source, inner = self.locate(index)
+        identity = getattr(source.dataset, "item_identity", None)
+        return identity(inner) if identity is not None else ""
+
+    def __getitem__(self, index: int) -> dict:
+        source, inner = self.locate(index)
+        item = dict(source.dataset[inner])
         if source.caption_prefix:
             item["caption"] = source.caption_prefix + item["caption"]
         item[LOSS_WEIGHT_KEY] = source.loss_weight

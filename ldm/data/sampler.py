@@ -118,8 +118,18 @@ class ResumableLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.progress = progress
 
+    @property
+    def resumable(self) -> Any:
+        """What keeps the epoch: the batch sampler when it resumes itself (buckets), else the
+        sampler."""
+        return self.batch_sampler if hasattr(self.batch_sampler, "resume") else self.sampler
+
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.sampler.epoch, "batches": self.progress()}
+        return {"epoch": self.resumable.epoch, "batches": self.progress()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.sampler.resume(state_dict["epoch"], state_dict["batches"] * self.batch_size)
+        epoch, batches = state_dict["epoch"], state_dict["batches"]
+        if self.resumable is self.sampler:
+            self.sampler.resume(epoch, batches * self.batch_size)
+        else:
+            self.batch_sampler.resume(epoch, batches)

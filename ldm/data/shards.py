@@ -1,8 +1,10 @@
 """Captioned images streamed from webdataset `.tar` shards, split by rank and then by worker.
 
 A sample is `key.jpg|jpeg|png|webp` plus `key.txt` or `key.json` (caption under "caption" or
-"text"). Shards are dealt out round-robin, first across DDP ranks and then across DataLoader
-workers, so each sample is read once per epoch as long as every worker has a shard.
+"text"), and with `masks: file` maybe `key.mask.png`. Shards are dealt out round-robin, first
+across DDP ranks and then across DataLoader workers, so each sample is read once per epoch as
+long as every worker has a shard. With `buckets` the data set yields whole batches of one
+bucket each (`batch_by_bucket`, which the DataModule calls with its batch size).
 https://github.com/webdataset/webdataset
 """
 
@@ -11,21 +13,26 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from webdataset.shardlists import expand_urls
 
-from ldm.data.folder import IMAGE_ERRORS, ImageTransform, list_some, open_rgb
+from ldm.data.buckets import BucketSpec, Size, cover_scale
+from ldm.data.captions import CaptionOptions
+from ldm.data.folder import SMALL_IMAGES, file_identity, list_some
+from ldm.data.transform import IMAGE_ERRORS, MASK_MODES, ImageTransform, alpha_mask, open_image
+from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MASK_KEY = "mask.png"
 JSON_CAPTION_KEYS = ("caption", "text")
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 
@@ -82,29 +89,81 @@ def read_caption(sample: dict[str, Any], where: str) -> str:
     raise ValueError(f"{where}: no caption (expected .txt or .json); has {sorted(sample)}")
 
 
-def decode_sample(sample: dict[str, Any], transform: ImageTransform) -> dict[str, Any]:
-    """Raw webdataset sample -> `{"image": (H, W, 3) float32 in [-1, 1], "caption": str}`."""
-    where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')}"
-    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if image_key is None:
-        raise ValueError(f"{where}: no image (expected one of {IMAGE_KEYS}); has {sorted(sample)}")
-    try:
-        image = transform(open_rgb(sample[image_key]))
-    except IMAGE_ERRORS as err:
-        raise ValueError(f"{where}: unreadable {image_key} ({err})") from err
-    return {"image": image, "caption": read_caption(sample, where)}
+class SampleDecoder:
+    """Raw webdataset sample -> `{"image": (H, W, 3) float32 in [-1, 1], "caption": str,
+    "empty_caption": 0 or 1}` (+ `"mask"` (H, W, 1)), cropped to its bucket or the square.
+
+    Raises ValueError, naming the sample, for what cannot be trained on: no image, an
+    unreadable one, no caption, a mask of another size, an image too small (`skip`).
+    """
+
+    def __init__(self, transform: ImageTransform, spec, captions, masks, small_images: str):
+        self.transform, self.spec, self.captions = transform, spec, captions
+        self.masks, self.small_images = masks, small_images
+        self.upscaled = 0
+
+    def target(self, size: Size) -> Size:
+        return self.spec.nearest(size) if self.spec is not None else (self.transform.size,) * 2
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')}"
+        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if image_key is None:
+            raise ValueError(
+                f"{where}: no image (expected one of {IMAGE_KEYS}); has {sorted(sample)}"
+            )
+        caption = read_caption(sample, where)
+        try:
+            image = open_image(sample[image_key])
+            mask = self.mask(sample, image)
+        except IMAGE_ERRORS as err:
+            raise ValueError(f"{where}: unreadable {image_key} or mask ({err})") from err
+        if mask is not None and mask.size != image.size:
+            raise ValueError(f"{where}: mask {mask.size} differs from image {image.size} (w, h)")
+        target = self.target(image.size)
+        if cover_scale(image.size, target) > 1:
+            if self.small_images == "skip":
+                raise ValueError(f"{where}: {image.size} image is smaller than its crop {target}")
+            self.upscaled += 1
+        caption = self.captions(caption)
+        out = self.transform(image, target, mask)
+        return {**out, "caption": caption, "empty_caption": int(not caption)}
+
+    def mask(self, sample: dict[str, Any], image):
+        if self.masks == "alpha":
+            return alpha_mask(image)
+        if self.masks == "file":
+            return open_image(sample[MASK_KEY]) if MASK_KEY in sample else alpha_mask(image)
+        return None
+
+
+def bucket_batches(items: Iterator[dict], batch_size: int) -> Iterator[dict]:
+    """Collated batches of `batch_size` items of one size each, as each bucket fills; items
+    left in partly filled buckets at the end of the pass are counted in a log line."""
+    waiting: dict[tuple, list] = {}
+    for item in items:
+        bucket = waiting.setdefault(item["image"].shape, [])
+        bucket.append(item)
+        if len(bucket) == batch_size:
+            yield default_collate(bucket)
+            bucket.clear()
+    left = sum(len(bucket) for bucket in waiting.values())
+    if left:
+        logger.info("end of a pass over the shards: %d items in unfilled buckets left out", left)
 
 
 class WebDatasetShards(IterableDataset):
-    """Stream `{"image", "caption"}` items from webdataset shards; corrupt samples are logged
-    and skipped.
+    """Stream `{"image", "caption", "skipped", "empty_caption"}` items from webdataset shards;
+    samples that cannot be used are logged, skipped and counted in the next item's "skipped".
 
     Args:
         urls: a directory of `.tar` files, a brace pattern string, or a list of paths/URLs.
+        size, crop, flip_p: the square crop (without buckets) and the augmentation.
         shardshuffle: False, or a buffer size for shuffling shard order (True: all shards).
         shuffle: buffer size for shuffling samples (0: keep the stored order).
         seed: base seed of both shuffles; each pass over the data adds one to it.
         rank, world_size: the DDP split to use; None takes torch.distributed's (or no split).
+        buckets, captions, masks, small_images: as `ldm.data.folder.ImageCaptionFolder`'s.
     """
 
     def __init__(
@@ -118,10 +177,13 @@ class WebDatasetShards(IterableDataset):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        buckets: Mapping | None = None,
+        captions: Mapping | None = None,
+        masks: str | None = None,
+        small_images: str = "upscale",
     ) -> None:
         super().__init__()
         self.shards = resolve_shards(urls)
-        self.transform = ImageTransform(size, crop, flip_p)
         if (rank is None) != (world_size is None) or (
             rank is not None and not 0 <= rank < world_size
         ):
@@ -129,13 +191,26 @@ class WebDatasetShards(IterableDataset):
                 f"params 'rank' ({rank}) and 'world_size' ({world_size}) must both be None, "
                 "or satisfy 0 ≤ rank < world_size"
             )
-        self.rank, self.world_size = rank, world_size
+        if masks not in (None, *MASK_MODES) or small_images not in SMALL_IMAGES:
+            raise ConfigError(
+                f"WebDatasetShards: masks {masks!r} / small_images {small_images!r}; expected "
+                f"masks in {(None, *MASK_MODES)} and small_images in {SMALL_IMAGES}"
+            )
+        self.spec = BucketSpec.parse(buckets)
+        self.decoder = SampleDecoder(
+            ImageTransform(size, crop, flip_p),
+            self.spec,
+            CaptionOptions.parse(captions),
+            masks,
+            small_images,
+        )
+        self.rank, self.world_size, self.batch_size = rank, world_size, None
         if shardshuffle is True:
             shardshuffle = len(self.shards)
         self.pipeline = self.build_pipeline(shardshuffle, shuffle, seed)
 
     def build_pipeline(self, shardshuffle: int, shuffle: int, seed: int) -> wds.DataPipeline:
-        """shards -> rank split -> worker split -> (shuffle) -> samples -> decoded items."""
+        """shards -> rank split -> worker split -> (shuffle) -> raw samples."""
         splitter = functools.partial(split_by_rank, rank=self.rank, world_size=self.world_size)
         pipeline = wds.WebDataset(
             self.shards,
@@ -149,8 +224,44 @@ class WebDatasetShards(IterableDataset):
         )
         if shuffle > 0:
             pipeline = pipeline.compose(wds.filters.detshuffle(shuffle, seed=seed))
-        decode = functools.partial(decode_sample, transform=self.transform)
-        return pipeline.map(decode, handler=warn_and_skip)
+        return pipeline
+
+    def batch_by_bucket(self, batch_size: int) -> None:
+        """Yield collated batches of `batch_size` items of one bucket each, not items."""
+        self.batch_size = batch_size
+
+    @property
+    def random_captions(self) -> bool:
+        return self.decoder.captions.is_random
+
+    def shard_identity(self, shard: int) -> str:
+        """What changes when shard `shard`'s file does (its size and mtime), for a cache key."""
+        url = self.shards[shard]
+        return file_identity(Path(url)) if Path(url).is_file() else url
+
+    def shard_items(self, shard: int) -> Iterator[dict[str, Any]]:
+        """The decoded items of one shard in stored order, without rank or worker split."""
+        return self.decoded(iter(wds.WebDataset(self.shards[shard], handler=warn_and_skip)))
+
+    def decoded(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Decoded items; "skipped" counts the samples passed over before each one."""
+        skipped = 0
+        for sample in samples:
+            try:
+                item = self.decoder(sample)
+            except ValueError as err:
+                logger.warning("skipping webdataset sample: %s", err)
+                skipped += 1
+                continue
+            yield {**item, "skipped": skipped}
+            skipped = 0
+        if self.decoder.upscaled:
+            logger.warning(
+                "%d images smaller than their crop were upscaled in this pass (blurrier than "
+                "the rest; small_images: skip leaves them out)",
+                self.decoder.upscaled,
+            )
+            self.decoder.upscaled = 0
 
     def check_split(self) -> None:
         """Warn (once, from rank 0's first worker) when ranks or workers get unequal shares."""
@@ -171,4 +282,8 @@ class WebDatasetShards(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.check_split()
-        yield from self.pipeline
+        items = self.decoded(iter(self.pipeline))
+        if self.batch_size is not None:
+            yield from bucket_batches(items, self.batch_size)
+        else:
+            yield from items

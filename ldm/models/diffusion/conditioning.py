@@ -6,6 +6,8 @@ Caption dropout is for classifier-free guidance (Ho & Salimans 2022): the model 
 unconditional prediction from the captions replaced by `val` (the empty caption in SD's
 recipe) with probability `p`. A latent cache (`ldm.data.cache`) hands the model the text
 encoder's output instead of captions, under the batch keys defined here, which both sides use.
+Contexts of chunked long prompts (`long_prompts: chunk`) are padded to a common length with the
+empty prompt's context, as the AUTOMATIC1111 web UI does.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid")
 MOMENTS_KEY, CONTEXT_KEY = "first_stage_moments", "cond_stage_context"
 # Each item's weight in the loss (ldm.data.mix.DataMix sets it; 1 when absent).
 LOSS_WEIGHT_KEY = "loss_weight"
+# Each pixel's weight in the loss, (B, H, W, 1) in [0, 1] (ldm.data.folder's masks).
+LOSS_MASK_KEY = "mask"
 
 
 def parse_ucg_training(config: Mapping | None) -> dict[str, dict]:
@@ -49,11 +53,55 @@ def drop_conditioning(c: list, p: float, val) -> list:
     return [val if d else item for item, d in zip(c, drop, strict=True)]
 
 
-def drop_cached_context(context: torch.Tensor, p: float, dropped: torch.Tensor) -> torch.Tensor:
-    """Cached contexts (B, L, D), each replaced by `dropped` (1, L, D), the context of the
-    dropout caption, with probability p: caption dropout for a batch from a latent cache."""
+def drop_cached_context(
+    context: torch.Tensor, p: float, dropped: torch.Tensor, val: str = ""
+) -> torch.Tensor:
+    """Cached contexts (B, L, D), each replaced by `dropped` (1, L', D), the context of the
+    dropout caption `val`, with probability p: caption dropout for a batch from a latent cache.
+
+    Chunked long prompts make L a multiple of the empty caption's L' = 77; as the empty caption
+    is one empty chunk, its context is repeated to L (`pad_context`). Another caption's
+    context cannot be padded without the encoder, so a length mismatch is refused.
+    """
+    if dropped.shape[1] != context.shape[1]:
+        if val != "":
+            raise ValueError(
+                f"ucg_training val={val!r}: its context has {dropped.shape[1]} positions, the "
+                f"cached contexts {context.shape[1]} (long prompts in chunks); use val: '' "
+                "(padded with empty chunks) or rebuild the cache with captions as short as val"
+            )
+        dropped = pad_context(dropped, context.shape[1], dropped)  # (1, L, D)
     drop = drop_mask(len(context), p).to(context.device)[:, None, None]  # (B, 1, 1)
     return torch.where(drop, dropped.to(context), context)
+
+
+def pad_context(context: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
+    """Context (B, L, D) followed by copies of `empty` (1, E, D), the empty prompt's context
+    (one empty chunk), to (B, length, D): how the AUTOMATIC1111 web UI pads the shorter of a
+    chunked prompt's cond and uncond."""
+    extra = length - context.shape[1]
+    if extra == 0:
+        return context
+    if extra < 0 or extra % empty.shape[1]:
+        raise ValueError(
+            f"pad_context: a context of {context.shape[1]} positions cannot be padded to "
+            f"{length} with empty chunks of {empty.shape[1]}"
+        )
+    pad = empty.to(context).expand(len(context), -1, -1)  # (B, E, D)
+    return torch.cat([context, pad.repeat(1, extra // empty.shape[1], 1)], dim=1)  # (B, length, D)
+
+
+def match_context_lengths(model, cond, uncond) -> tuple:
+    """(cond, uncond) with the shorter context (B, L, D) padded with the empty prompt's context,
+    `model.get_learned_conditioning([""])`, so that guidance can batch them: a chunked long
+    prompt against the empty or a shorter negative prompt. Other forms pass unchanged."""
+    contexts = isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor)
+    if not contexts or cond.ndim != 3 or cond.shape[1:2] == uncond.shape[1:2]:
+        return cond, uncond
+    with torch.no_grad():
+        empty = model.get_learned_conditioning([""])  # (1, 77, D)
+    length = max(cond.shape[1], uncond.shape[1])
+    return pad_context(cond, length, empty), pad_context(uncond, length, empty)
 
 
 def resolve_conditioning_key(cond_stage_config, conditioning_key: str | None, concat_mode: bool):

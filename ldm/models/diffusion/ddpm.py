@@ -26,7 +26,12 @@ from ldm.checkpoint import (
 )
 from ldm.diffusers_layout import read_weights
 from ldm.models.diffusion import previews, sampling, schedule
-from ldm.models.diffusion.conditioning import LOSS_WEIGHT_KEY, MOMENTS_KEY, DiffusionWrapper
+from ldm.models.diffusion.conditioning import (
+    LOSS_MASK_KEY,
+    LOSS_WEIGHT_KEY,
+    MOMENTS_KEY,
+    DiffusionWrapper,
+)
 from ldm.models.diffusion.loss import DiffusionLoss, check_self_conditioning_channels
 from ldm.modules.acceleration import accelerate
 from ldm.modules.ema import LitEma
@@ -302,16 +307,17 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
             cond = {key: cond if isinstance(cond, list) else [cond]}
         return self.model(x_t, t, **(cond or {}))
 
-    def p_losses(self, x0, cond, t, noise=None, prefix=None, weights=None) -> tuple:
+    def p_losses(self, x0, cond, t, noise=None, prefix=None, weights=None, mask=None) -> tuple:
         """The training loss at timesteps t (`DiffusionLoss`) and the values to log; `weights`
-        (B,) weigh the items (the batch's `loss_weight`, e.g. DreamBooth's class images)."""
+        (B,) weigh the items (the batch's `loss_weight`, e.g. DreamBooth's class images) and
+        `mask` (B, 1, H, W) the pixels (the batch's `mask`)."""
 
         def predict(x_t: torch.Tensor, t: torch.Tensor, self_cond) -> torch.Tensor:
             return self.apply_model(x_t, t, cond, self_cond)
 
         prefix = prefix or ("train" if self.training else "val")
         loss, logs = self.loss_fn(
-            predict, x0, t, noise, self.logvar, self.training, prefix, weights
+            predict, x0, t, noise, self.logvar, self.training, prefix, weights, mask
         )
         if self.learn_logvar:
             logs["logvar"] = self.logvar.mean()
@@ -321,14 +327,16 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         """(n,) timesteps drawn uniformly from [0, T)."""
         return torch.randint(0, self.num_timesteps, (n,), device=self.device)
 
-    def forward(self, x0: torch.Tensor, c, prefix=None, weights=None) -> tuple[torch.Tensor, dict]:
+    def forward(self, x0, c, prefix=None, weights=None, mask=None) -> tuple[torch.Tensor, dict]:
         """The loss and logs at random timesteps, for inputs and conditioning from get_input."""
         t = self.random_timesteps(x0.shape[0])
-        return self.p_losses(x0, c, t, prefix=prefix, weights=weights)
+        return self.p_losses(x0, c, t, prefix=prefix, weights=weights, mask=mask)
 
     def shared_step(self, batch: Mapping, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
         weights = batch.get(LOSS_WEIGHT_KEY)  # per item, from ldm.data.mix.DataMix
-        return self(*self.get_input(batch), prefix=prefix, weights=weights)
+        mask = batch.get(LOSS_MASK_KEY)  # per pixel, (B, H, W, 1)
+        mask = channels_first(mask) if mask is not None else None
+        return self(*self.get_input(batch), prefix=prefix, weights=weights, mask=mask)
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
         loss, logs = self.shared_step(batch)

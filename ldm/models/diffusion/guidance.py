@@ -2,7 +2,9 @@
 
 Every sampler takes `eps_fn(x_t (B, C, H, W), t (B,)) -> eps (B, C, H, W)`; this module builds
 it from a LatentDiffusion-like model (anything with `apply_model`, `parameterization` and
-`alphas_cumprod`), converting x0 or v predictions to eps in one place.
+`alphas_cumprod`), converting x0 or v predictions to eps in one place. Guidance pads the
+shorter of cond and uncond with empty chunks where a long prompt was encoded in chunks
+(`conditioning.match_context_lengths`).
 Ho & Salimans 2022 (classifier-free guidance); Salimans & Ho 2022 (v-prediction).
 """
 
@@ -13,6 +15,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ldm.models.diffusion import schedule
+from ldm.models.diffusion.conditioning import match_context_lengths
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -64,7 +67,14 @@ def cat_cond(uncond, cond):
     if isinstance(cond, Mapping):
         return {key: cat_cond(uncond[key], cond[key]) for key in cond}
     if isinstance(cond, (list, tuple)):
-        return [torch.cat([u, c]) for u, c in zip(uncond, cond, strict=True)]  # (2B, ...) each
+        return [cat_cond(u, c) for u, c in zip(uncond, cond, strict=True)]  # (2B, ...) each
+    if uncond.shape[1:] != cond.shape[1:]:
+        raise ValueError(
+            f"classifier-free guidance: uncond {tuple(uncond.shape)} and cond "
+            f"{tuple(cond.shape)} differ beyond the batch; contexts of chunked long prompts "
+            "(long_prompts: chunk) are padded with empty chunks only when both are (B, L, D) "
+            "tensors whose lengths differ by a multiple of the empty prompt's"
+        )
     return torch.cat([uncond, cond])  # (2B, ...)
 
 
@@ -86,6 +96,7 @@ def cfg_eps_fn(model, cond, uncond, scale: float, rescale: float = 0.0) -> EpsFn
     """
     if uncond is None or scale == 1.0:
         return model_eps_fn(model, cond)
+    cond, uncond = match_context_lengths(model, cond, uncond)  # a long prompt's chunks
     predict = prediction_fn(model, cat_cond(uncond, cond))
 
     def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -199,7 +199,7 @@ class LatentDiffusion(DDPM):
         if CONTEXT_KEY in batch and not self.encodes_in_forward:
             c = batch[CONTEXT_KEY]
             if ucg is not None:
-                c = drop_cached_context(c, ucg["p"], self.constant_context(ucg["val"]))
+                c = drop_cached_context(c, ucg["p"], self.constant_context(ucg["val"]), ucg["val"])
             return z, c
         if ucg is not None:
             c = drop_conditioning(c, **ucg)
@@ -215,10 +215,10 @@ class LatentDiffusion(DDPM):
             self.constant_contexts[caption] = self.get_learned_conditioning([caption])
         return self.constant_contexts[caption]
 
-    def forward(self, z: torch.Tensor, c, prefix=None, weights=None) -> tuple[torch.Tensor, dict]:
+    def forward(self, z, c, prefix=None, weights=None, mask=None) -> tuple[torch.Tensor, dict]:
         if self.encodes_in_forward and c is not None:  # encoded here, with gradients
             c = self.get_learned_conditioning(c)
-        return super().forward(z, c, prefix, weights)
+        return super().forward(z, c, prefix, weights, mask)
 
     @torch.no_grad()
     def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:

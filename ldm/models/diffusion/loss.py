@@ -84,12 +84,15 @@ class DiffusionLoss:
         training: bool = True,
         prefix: str = "train",
         weights: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss, values to log) for clean x0 (B, C, ...) at timesteps t (B,).
 
         `logvar` (T,) is the learned or fixed log-variance per timestep (zeros when None);
         `weights` (B,) weigh each item's loss before the batch mean, as kohya's loss weights
-        (DreamBooth's prior preservation: the class images' items at prior_loss_weight).
+        (DreamBooth's prior preservation: the class images' items at prior_loss_weight);
+        `mask` (B, 1, H, W) in [0, 1] weighs each position (area-resized to x0's grid, so a
+        pixel mask weighs latents): each item's loss is its error's mean over the mask.
         """
         ac = self.table("alphas_cumprod", t.device)
         if noise is None:
@@ -102,8 +105,7 @@ class DiffusionLoss:
                 self_cond = schedule.x0_from_prediction(self.parameterization, x_t, t, first, ac)
         prediction = predict(x_t, t, self_cond)  # (B, C, ...)
         target = schedule.training_target(self.parameterization, x0, t, noise, ac)  # eps, x0, v
-        loss_simple = self.error(prediction, target, reduction="none")  # (B, C, ...)
-        loss_simple = loss_simple.mean(dim=tuple(range(1, x0.ndim)))  # (B,)
+        loss_simple = masked_mean(self.error(prediction, target, reduction="none"), mask)  # (B,)
         logvar_t = torch.zeros_like(loss_simple) if logvar is None else logvar[t]  # (B,)
         items = torch.ones_like(loss_simple) if weights is None else weights.to(loss_simple)
         weighted = self.table("snr", t.device)[t] * loss_simple  # Min-SNR-gamma, or 1
@@ -116,6 +118,18 @@ class DiffusionLoss:
             f"{prefix}/loss": loss,
         }
         return loss, logs
+
+
+def masked_mean(error: Tensor, mask: Tensor | None) -> Tensor:
+    """Per-item mean of `error` (B, C, H, W) weighted by `mask` (B, 1, H', W'), resized by area
+    averaging to (H, W); an item whose mask is all zero gets 0."""
+    dims = tuple(range(1, error.ndim))
+    if mask is None:
+        return error.mean(dim=dims)  # (B,)
+    if mask.shape[2:] != error.shape[2:]:
+        mask = F.interpolate(mask.to(error), size=error.shape[2:], mode="area")
+    mask = mask.to(error).expand_as(error)  # (B, C, H, W)
+    return (error * mask).sum(dim=dims) / mask.sum(dim=dims).clamp(min=1e-8)
 
 
 def check_self_conditioning_channels(unet_config: Mapping, channels: int, conditioning_key):

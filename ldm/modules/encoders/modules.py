@@ -5,16 +5,23 @@ Radford et al. 2021, https://arxiv.org/abs/2103.00020); `FrozenOpenCLIPEmbedder`
 (OpenCLIP ViT-H/14, Cherti et al. 2022, https://arxiv.org/abs/2212.07143). Both are built with
 random weights and never download anything: the weights come from the SD checkpoint, whose key
 layout (`cond_stage_model.transformer.text_model.*`, `cond_stage_model.model.*`) they keep.
+
+Prompts longer than the 77-token context are truncated (`long_prompts: truncate`, with a warning
+once per process) or encoded 77 tokens at a time (`long_prompts: chunk`), as the AUTOMATIC1111
+web UI and kohya's sd-scripts do: the context is then (B, 77 * k, D) for the most chunks k in
+the batch.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
 
 import open_clip
 import torch
+from einops import rearrange
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -25,8 +32,12 @@ from ldm.modules.encoders.tokenizer import (
     VOCAB_SIZE,
     find_tokenizer_dir,
     load_tokenizer,
+    prompt_ids,
+    split_into_chunks,
     tokenize,
 )
+
+logger = logging.getLogger(__name__)
 
 DEVICE_REASON = (
     "ignored: Lightning / .to() move the module, and tokens follow its parameters' device"
@@ -96,7 +107,11 @@ OPENCLIP_TEXT_KEYS = {
 OPENCLIP_TOP_KEYS = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"}
 # Blocks to skip at the end of the tower (the SD 2 repository's `layer_idx`).
 OPENCLIP_LAYERS = {"last": 0, "penultimate": 1}
+# The tokenizer open_clip.tokenize uses; it pads with 0.
+OPENCLIP_TOKENIZER, OPENCLIP_PAD_ID = open_clip.tokenizer._tokenizer, 0
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature; SD checkpoints overwrite it
+LONG_PROMPTS = ("truncate", "chunk")
+TRUNCATION_WARNED: set[str] = set()  # the encoder classes that have warned of a long prompt
 
 
 def warn_device(cls_name: str, device: str | torch.device | None) -> None:
@@ -110,12 +125,46 @@ def warn_device(cls_name: str, device: str | torch.device | None) -> None:
         )
 
 
-class FrozenEncoder(nn.Module):
-    """Base of the text encoders: `freeze()` and a `train()` that keeps a frozen encoder in eval."""
+def check_max_length(cls_name: str, max_length: int, limit: int, what: str) -> int:
+    """`max_length`, if it leaves room for BOS, EOS and a token within `limit` positions."""
+    if not 2 < max_length <= limit:
+        raise ValueError(f"{cls_name}: max_length={max_length}; pass 3 to {limit} ({what})")
+    return max_length
 
-    def __init__(self) -> None:
+
+def check_long_prompts(cls_name: str, long_prompts: str) -> str:
+    """`long_prompts`, if it is one of LONG_PROMPTS."""
+    if long_prompts not in LONG_PROMPTS:
+        raise ValueError(f"{cls_name}: long_prompts={long_prompts!r}; pass one of {LONG_PROMPTS}")
+    return long_prompts
+
+
+def warn_truncated(cls_name: str, ids: list[list[int]], max_length: int) -> None:
+    """Log once per process and encoder class that a prompt was cut to max_length tokens."""
+    n_tokens = max(len(prompt) for prompt in ids) + 2  # with BOS and EOS
+    if n_tokens <= max_length or cls_name in TRUNCATION_WARNED:
+        return
+    TRUNCATION_WARNED.add(cls_name)
+    logger.warning(
+        "%s: a prompt of %d tokens (with BOS and EOS) was truncated to max_length=%d; set "
+        "long_prompts: chunk in cond_stage_config.params to encode the rest, %d tokens at a "
+        "time. This is logged once.",
+        cls_name,
+        n_tokens,
+        max_length,
+        max_length - 2,
+    )
+
+
+class FrozenEncoder(nn.Module):
+    """Base of the text encoders: `freeze()`, a `train()` that keeps a frozen encoder in eval,
+    and the `long_prompts` rule that lays token ids out in chunks."""
+
+    def __init__(self, max_length: int, long_prompts: str) -> None:
         super().__init__()
         self.frozen = False
+        self.max_length = max_length
+        self.long_prompts = check_long_prompts(type(self).__name__, long_prompts)
 
     def freeze(self) -> None:
         """Eval mode for good, and no gradients for any parameter."""
@@ -131,6 +180,19 @@ class FrozenEncoder(nn.Module):
     def encode(self, text: str | list[str]) -> torch.Tensor:
         """The original API's name for forward."""
         return self(text)
+
+    def chunk_tokens(self, ids: list[list[int]], bos: int, eos: int, pad: int) -> torch.Tensor:
+        """Token ids `(B*k, max_length)` of untruncated prompt ids (no BOS / EOS): all k chunks
+        with long_prompts "chunk", the first (k = 1, warned when cut) with "truncate"."""
+        if self.long_prompts == "truncate":
+            warn_truncated(type(self).__name__, ids, self.max_length)
+        max_chunks = None if self.long_prompts == "chunk" else 1
+        return split_into_chunks(ids, self.max_length, bos, eos, pad, max_chunks)
+
+
+def join_chunks(features: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Per-chunk features `(B*k, L, D)` → one context per prompt `(B, k*L, D)`."""
+    return rearrange(features, "(b k) l d -> b (k l) d", b=batch_size)
 
 
 class TextModelWrapper(nn.Module):
@@ -192,6 +254,8 @@ class FrozenCLIPEmbedder(FrozenEncoder):
         layer: "last" (last_hidden_state, final LayerNorm applied), "pooled" (`(B, 1, D)`),
             "hidden" (`hidden_states[layer_idx]`, no final LayerNorm) or "penultimate"
             (hidden with layer_idx=-2).
+        long_prompts: "truncate" (to max_length tokens, logged once) or "chunk" (every
+            max_length - 2 tokens encoded as a chunk of their own: `(B, k*77, D)`).
     """
 
     COMPAT_PARAMS = {"device": DEVICE_REASON}
@@ -204,18 +268,21 @@ class FrozenCLIPEmbedder(FrozenEncoder):
         freeze: bool = True,
         layer: str = "last",
         layer_idx: int | None = None,
+        long_prompts: str = "truncate",
     ) -> None:
-        super().__init__()
         warn_device(type(self).__name__, device)
-        text_model, self.tokenizer_dir = make_clip_text_model(version)
+        text_model, tokenizer_dir = make_clip_text_model(version)
         config = text_model.config
+        limit, what = config.max_position_embeddings, "the model's position embeddings"
+        max_length = check_max_length("FrozenCLIPEmbedder", max_length, limit, what)
+        super().__init__(max_length, long_prompts)
+        self.tokenizer_dir = tokenizer_dir
         self.layer, self.layer_idx = resolve_clip_layer(layer, layer_idx, config.num_hidden_layers)
-        if not 0 < max_length <= config.max_position_embeddings:
+        if self.layer == "pooled" and long_prompts == "chunk":
             raise ValueError(
-                f"FrozenCLIPEmbedder: max_length={max_length}; pass at most "
-                f"{config.max_position_embeddings} (the model's position embeddings)"
+                "FrozenCLIPEmbedder: layer='pooled' with long_prompts='chunk': a pooled output "
+                "has no sequence to join chunks along; pass long_prompts='truncate'"
             )
-        self.max_length = max_length
         self.transformer = TextModelWrapper(text_model)
         if freeze:
             self.freeze()
@@ -230,14 +297,21 @@ class FrozenCLIPEmbedder(FrozenEncoder):
         return tokenize(self.tokenizer, text, self.max_length)
 
     def forward(self, text: str | list[str]) -> torch.Tensor:
+        """Context `(B, k*77, D)` (k = 1 unless long prompts are chunked), or `(B, 1, D)` pooled."""
+        tok = self.tokenizer
+        ids = prompt_ids(tok, text)
+        tokens = self.chunk_tokens(ids, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
         device = self.transformer.text_model.embeddings.token_embedding.weight.device
-        tokens = self.tokenize(text).to(device)  # (B, 77)
+        return join_chunks(self.encode_tokens(tokens.to(device)), len(ids))  # (B, k*77, D)
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids `(N, 77)` → the `layer`'s features `(N, 77, D)`, or `(N, 1, D)` pooled."""
         out = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
         if self.layer == "last":
-            return out.last_hidden_state  # (B, 77, D)
+            return out.last_hidden_state  # (N, 77, D)
         if self.layer == "pooled":
-            return out.pooler_output[:, None, :]  # (B, 1, D)
-        return out.hidden_states[self.layer_idx]  # (B, 77, D)
+            return out.pooler_output[:, None, :]  # (N, 1, D)
+        return out.hidden_states[self.layer_idx]  # (N, 77, D)
 
 
 def openclip_model_config(arch: str) -> dict:
@@ -289,6 +363,8 @@ class FrozenOpenCLIPEmbedder(FrozenEncoder):
         version: the pretrained tag (compat only; see COMPAT_PARAMS) or a path to an open_clip
             weights file, whose text-tower keys are loaded.
         layer: "last" or "penultimate" (stop one block early); ln_final is applied to both.
+        long_prompts: "truncate" (to max_length tokens, logged once) or "chunk" (every
+            max_length - 2 tokens encoded as a chunk of their own: `(B, k*77, D)`).
     """
 
     COMPAT_PARAMS = {"device": DEVICE_REASON, "version": OPENCLIP_VERSION_REASON}
@@ -301,21 +377,20 @@ class FrozenOpenCLIPEmbedder(FrozenEncoder):
         max_length: int = MAX_LENGTH,
         freeze: bool = True,
         layer: str = "last",
+        long_prompts: str = "truncate",
     ) -> None:
-        super().__init__()
         warn_device(type(self).__name__, device)
         if layer not in OPENCLIP_LAYERS:
             raise ValueError(
                 f"FrozenOpenCLIPEmbedder: layer={layer!r}; pass one of {tuple(OPENCLIP_LAYERS)}"
             )
         config = openclip_model_config(arch)
-        context_length = config["text_cfg"].get("context_length", MAX_LENGTH)
-        if not 0 < max_length <= context_length:
-            raise ValueError(
-                f"FrozenOpenCLIPEmbedder: max_length={max_length}; pass at most {context_length} "
-                f"(arch {arch!r}'s context length)"
-            )
-        self.layer, self.layer_idx, self.max_length = layer, OPENCLIP_LAYERS[layer], max_length
+        limit = config["text_cfg"].get("context_length", MAX_LENGTH)
+        what = f"arch {arch!r}'s context length"
+        super().__init__(
+            check_max_length("FrozenOpenCLIPEmbedder", max_length, limit, what), long_prompts
+        )
+        self.layer, self.layer_idx = layer, OPENCLIP_LAYERS[layer]
         self.model = make_openclip_text(config)
         if is_weights_path(version):
             self.load_openclip_weights(version)
@@ -339,8 +414,13 @@ class FrozenOpenCLIPEmbedder(FrozenEncoder):
         return open_clip.tokenize(prompts, context_length=self.max_length)
 
     def forward(self, text: str | list[str]) -> torch.Tensor:
-        tokens = self.tokenize(text).to(self.model.positional_embedding.device)
-        return self.encode_with_transformer(tokens)
+        """Context `(B, k*77, D)`: k = 1 unless long prompts are chunked."""
+        prompts = [text] if isinstance(text, str) else list(text)
+        ids = [OPENCLIP_TOKENIZER.encode(p) for p in prompts]
+        sot, eot = OPENCLIP_TOKENIZER.sot_token_id, OPENCLIP_TOKENIZER.eot_token_id
+        tokens = self.chunk_tokens(ids, sot, eot, OPENCLIP_PAD_ID)  # (B*k, 77)
+        features = self.encode_with_transformer(tokens.to(self.model.positional_embedding.device))
+        return join_chunks(features, len(ids))  # (B, k*77, D)
 
     def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids `(B, L)` → token features `(B, L, width)` after ln_final."""

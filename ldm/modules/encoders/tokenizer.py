@@ -4,6 +4,8 @@ The BPE merges are the ones open_clip ships (`bpe_simple_vocab_16e6.txt.gz`), th
 OpenAI's CLIP repository (https://github.com/openai/CLIP) tokenizes with; the vocabulary is
 rebuilt from them in memory, so nothing is downloaded. Prompts are cleaned as OpenAI's CLIP does
 (ftfy, HTML unescape, whitespace collapse, lowercase), which transformers 5 no longer does.
+`split_into_chunks` lays prompts longer than one context out in 77-token chunks, as the
+AUTOMATIC1111 web UI and kohya's sd-scripts do.
 """
 
 from __future__ import annotations
@@ -97,3 +99,42 @@ def tokenize(
         return_tensors="pt",
     )
     return batch["input_ids"]  # (B, max_length)
+
+
+def prompt_ids(tokenizer: CLIPTokenizer, text: str | list[str]) -> list[list[int]]:
+    """Each cleaned prompt's token ids, without BOS / EOS and not truncated."""
+    prompts = [text] if isinstance(text, str) else list(text)
+    cleaned = [clean_prompt(p) for p in prompts]
+    return tokenizer(cleaned, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def split_ids(ids: list[int], size: int) -> list[list[int]]:
+    """`ids` in pieces of `size` (the last one shorter); the empty prompt is one empty piece."""
+    return [ids[i : i + size] for i in range(0, len(ids), size)] or [[]]
+
+
+def split_into_chunks(
+    ids: list[list[int]],
+    max_length: int,
+    bos: int,
+    eos: int,
+    pad: int,
+    max_chunks: int | None = None,
+) -> torch.Tensor:
+    """Token ids `(B*k, max_length)`: each prompt's ids (no BOS / EOS) in pieces of
+    max_length - 2, each wrapped as BOS + piece + EOS + padding, prompt after prompt.
+
+    k is the most pieces any prompt has (at most `max_chunks`; 1 truncates every prompt to
+    its first piece); prompts with fewer get empty chunks, the tokens of the empty prompt.
+    """
+    size = max_length - 2
+    if size < 1:
+        raise ValueError(f"split_into_chunks: max_length={max_length}; pass at least 3")
+    pieces = [split_ids(prompt, size)[:max_chunks] for prompt in ids]
+    k = max(len(prompt) for prompt in pieces)
+    rows = [
+        [bos, *piece, eos] + [pad] * (size - len(piece))
+        for prompt in pieces
+        for piece in prompt + [[]] * (k - len(prompt))
+    ]
+    return torch.tensor(rows, dtype=torch.long)  # (B*k, max_length)
