@@ -25,7 +25,6 @@ import main
 from ldm.data import DataModuleFromConfig, ImageCaptionFolder, WebDatasetShards
 from ldm.data.buckets import BucketSpec, merge_small_buckets
 from ldm.data.cache import CachedLatents, CacheSource, build_cache, write_manifest
-from ldm.data.sampler import SeededItems
 from ldm.util import ConfigError, instantiate_from_config
 
 TINY = ROOT / "configs" / "tiny" / "txt2img.yaml"
