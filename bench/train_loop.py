@@ -47,50 +47,42 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(opt, workdir: Path, cached: bool, extra: list[str]) -> dict:
-    configs = [str(ROOT / "configs/tiny/txt2img.yaml")]
-    overrides = [
-        "lightning.trainer.limit_val_batches=0",
-        "lightning.trainer.val_check_interval=null",
-        "lightning.callbacks.image_logger.params.batch_frequency=1000000",
-        "lightning.modelcheckpoint.params.every_n_train_steps=1000000",
-        "lightning.trainer.enable_progress_bar=false",
-        "lightning.trainer.enable_model_summary=false",
-        f"lightning.callbacks.step_clock.target={CLOCK}",
-    ]
-    if cached:
-        configs.append(str(ROOT / "configs/tiny/cached.yaml"))
-        overrides.append(f"lightning.callbacks.latent_cache.params.dir={workdir / 'cache'}")
+QUIET = [
+    "lightning.trainer.limit_val_batches=0",
+    "lightning.trainer.val_check_interval=null",
+    "lightning.callbacks.image_logger.params.batch_frequency=1000000",
+    "lightning.modelcheckpoint.params.every_n_train_steps=1000000",
+    "lightning.trainer.enable_progress_bar=false",
+    "lightning.trainer.enable_model_summary=false",
+    f"lightning.callbacks.step_clock.target={CLOCK}",
+]
+
+
+def timed_run(opt, logs: Path, configs: list[str], overrides: list[str]) -> dict:
+    """Images/s of `main.py --base configs -t` over the steps after the warm-up, and the
+    seconds to the first step's end (model, data, cache build)."""
     start = time.perf_counter()
-    trainer = train.main(
-        [
-            "--base",
-            *configs,
-            "-t",
-            "--no-test",
-            "-l",
-            str(workdir / "logs"),
-            "--max_steps",
-            str(opt.steps),
-            "--precision",
-            opt.precision,
-            *overrides,
-            *extra,
-        ]
-    )
+    argv = ["--base", *configs, "-t", "--no-test", "-l", str(logs), "--max_steps", str(opt.steps)]
+    trainer = train.main([*argv, "--precision", opt.precision, *QUIET, *overrides])
     (clock,) = [c for c in trainer.callbacks if isinstance(c, get_obj_from_str(CLOCK))]
     ends = clock.ends[opt.warmup :]
     batch = trainer.datamodule.batch_size
     rate = batch * (len(ends) - 1) / (ends[-1] - ends[0])
-    setup = clock.ends[0] - start  # to the first step's end: model, data, cache build
     return {
-        "cached": cached,
         "images_per_s": round(rate, 1),
         "step_ms": round(1000 * batch / rate, 1),
-        "seconds_to_first_step": round(setup, 1),
+        "seconds_to_first_step": round(clock.ends[0] - start, 1),
         "batch": batch,
         "precision": opt.precision,
     }
+
+
+def run(opt, workdir: Path, cached: bool, extra: list[str]) -> dict:
+    configs, overrides = [str(ROOT / "configs/tiny/txt2img.yaml")], list(extra)
+    if cached:
+        configs.append(str(ROOT / "configs/tiny/cached.yaml"))
+        overrides.append(f"lightning.callbacks.latent_cache.params.dir={workdir / 'cache'}")
+    return {"cached": cached, **timed_run(opt, workdir / "logs", configs, overrides)}
 
 
 def main(argv: list[str] | None = None) -> dict:

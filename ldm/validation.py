@@ -8,7 +8,7 @@ beside the raw ones. Sampling goes through `sampling.sample`, as txt2img.py's do
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 from ldm.callbacks import log_image, to_uint8_grid
 from ldm.inference import latent_factor
 from ldm.models.diffusion import sampling
-from ldm.util import ConfigError
+from ldm.util import ConfigError, to_plain
 
 logger = logging.getLogger(__name__)
 
@@ -70,19 +70,43 @@ def labelled_grid(prompts: Sequence[str], images: Sequence[torch.Tensor]) -> np.
     """One (H, W, 3) uint8 image: each prompt's label above its row of samples (n, 3, h, w)
     in [-1, 1], which are enlarged by a whole factor when under MIN_TILE px high."""
     font = ImageFont.load_default(size=FONT_SIZE)
-    parts = []
-    for prompt, samples in zip(prompts, images, strict=True):
+    rows = []
+    for samples in images:
         scale = -(-MIN_TILE // samples.shape[-2])  # ceil: 1 for 128 px and larger
         row = Image.fromarray(to_uint8_grid(samples, nrow=len(samples)))
-        row = row.resize((row.width * scale, row.height * scale), Image.Resampling.NEAREST)
-        parts += [label_strip(prompt, row.width, font), np.asarray(row)]
-    return np.concatenate(parts)  # (H, W, 3): every row has the same width
+        rows.append(row.resize((row.width * scale, row.height * scale), Image.Resampling.NEAREST))
+    width = max(row.width for row in rows)  # rows of other sizes are padded white on the right
+    parts = []
+    for prompt, row in zip(prompts, rows, strict=True):
+        padded = Image.new("RGB", (width, row.height), "white")
+        padded.paste(row)
+        parts += [label_strip(prompt, width, font), np.asarray(padded)]
+    return np.concatenate(parts)  # (H, W, 3)
 
 
-def check_params(prompts, every_n_steps: int, steps: int, n_per_prompt: int, sampler: str):
+def parse_prompts(prompts) -> list[tuple[str, tuple[int | None, int | None]]]:
+    """[(prompt, (height, width))] from strings or `{prompt, height, width}` mappings (a size
+    left out is the callback's); a ConfigError names a bad entry."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise ConfigError(f"{WHERE}: prompts must be a non-empty list, got {prompts!r}")
+    parsed = []
+    for i, entry in enumerate(prompts):
+        if isinstance(entry, str):
+            parsed.append((entry, (None, None)))
+        elif isinstance(entry, Mapping) and isinstance(entry.get("prompt"), str):
+            if unknown := sorted(set(entry) - {"prompt", "height", "width"}):
+                raise ConfigError(f"{WHERE}: prompts[{i}] has unknown keys {unknown}")
+            parsed.append((entry["prompt"], (entry.get("height"), entry.get("width"))))
+        else:
+            raise ConfigError(
+                f"{WHERE}: prompts[{i}] must be a string or {{prompt, height, width}}, "
+                f"got {entry!r}"
+            )
+    return parsed
+
+
+def check_params(every_n_steps: int, steps: int, n_per_prompt: int, sampler: str):
     """Raise a ConfigError naming the first bad param."""
-    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ConfigError(f"{WHERE}: prompts must be a non-empty list of strings, got {prompts!r}")
     counts = {"every_n_steps": every_n_steps, "steps": steps, "n_per_prompt": n_per_prompt}
     for key, value in counts.items():
         if not isinstance(value, int) or value < 1:
@@ -103,7 +127,8 @@ class ValidationPrompts(pl.Callback):
     goes on exactly as without the callback.
 
     Args:
-        prompts: the captions, one labelled row of `n_per_prompt` samples each.
+        prompts: the captions, one labelled row of `n_per_prompt` samples each; an entry
+            `{prompt, height, width}` samples at its own size (e.g. one per bucket shape).
         guidance_scale: classifier-free guidance against the empty prompt; 1: unguided.
         height, width: in pixels, multiples of the first stage's factor; default: the
             model's own size.
@@ -111,7 +136,7 @@ class ValidationPrompts(pl.Callback):
 
     def __init__(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | Mapping],
         every_n_steps: int = 500,
         seed: int = 0,
         steps: int = 20,
@@ -122,13 +147,13 @@ class ValidationPrompts(pl.Callback):
         width: int | None = None,
     ):
         super().__init__()
-        if isinstance(prompts, Sequence) and not isinstance(prompts, str):
-            prompts = list(prompts)  # a ListConfig too
-        check_params(prompts, every_n_steps, steps, n_per_prompt, sampler)
-        self.prompts, self.every_n_steps, self.seed = prompts, every_n_steps, seed
+        parsed = parse_prompts(to_plain(prompts))
+        check_params(every_n_steps, steps, n_per_prompt, sampler)
+        self.prompts, self.sizes = [text for text, _ in parsed], [size for _, size in parsed]
+        self.every_n_steps, self.seed = every_n_steps, seed
         self.steps, self.guidance_scale, self.sampler = steps, guidance_scale, sampler
         self.n_per_prompt, self.size = n_per_prompt, (height, width)
-        self.shape: tuple[int, int, int] | None = None  # (C, h, w) of the start noise
+        self.shapes: list[tuple[int, int, int]] = []  # (C, h, w) of each prompt's start noise
         self.last_step = 0  # the step of the last grids; none are made at step 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -139,14 +164,21 @@ class ValidationPrompts(pl.Callback):
                 f"{WHERE} samples on rank 0 alone, which {type(trainer.strategy).__name__} "
                 "(weights sharded across ranks) cannot do: train with --strategy ddp"
             )
-        self.shape = self.latent_shape(pl_module)
+        self.shapes = [self.latent_shape(pl_module, size) for size in self.sizes]
 
-    def latent_shape(self, model) -> tuple[int, int, int]:
-        """(C, h, w) of the latents for `height` x `width` pixels."""
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the first prompt's start noise."""
+        return self.shapes[0]
+
+    def latent_shape(self, model, size: tuple) -> tuple[int, int, int]:
+        """(C, h, w) of the latents for a prompt's `size` (height, width) in pixels, where
+        given, else the callback's, else the model's."""
         if getattr(model, "cond_stage_model", None) is None:
             raise ConfigError(f"{WHERE}: {type(model).__name__} is not a text-conditioned model")
         f = latent_factor(model)
-        height, width = (size or model.image_size * f for size in self.size)
+        size = (own or default for own, default in zip(size, self.size, strict=True))
+        height, width = (side or model.image_size * f for side in size)
         if height % f or width % f:
             raise ConfigError(
                 f"{WHERE}: height {height} and width {width} must be multiples of {f}, "
@@ -200,7 +232,7 @@ class ValidationPrompts(pl.Callback):
         n, images = self.n_per_prompt, []
         for i, prompt in enumerate(self.prompts):
             x_T = start_noise(
-                self.seed + i, n, self.shape, model.device, model.dtype
+                self.seed + i, n, self.shapes[i], model.device, model.dtype
             )  # (n, C, h, w)
             cond = model.get_learned_conditioning([prompt] * n)
             uncond = model.get_learned_conditioning([""] * n) if self.guidance_scale != 1 else None

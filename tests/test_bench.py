@@ -80,3 +80,12 @@ def test_train_step_and_train_loop_benchmarks_run(capsys):
     small = "data.params.train.params.length=16 data.params.batch_size=4 data.params.num_workers=0"
     summary = train_loop.main(f"--steps 4 --warmup 1 {small}".split())
     assert summary["images_per_s"][True] > 0 and summary["images_per_s"][False] > 0
+
+
+@pytest.mark.slow
+def test_the_bucket_benchmark_builds_a_cache_and_times_both_loops():
+    from bench import buckets
+
+    small = "data.params.batch_size=4 data.params.num_workers=0"
+    summary = buckets.main(f"--images 70 --shards 2 --steps 4 --warmup 1 {small}".split())
+    assert summary["images_per_s"]["bucketed_cached"] > 0 and summary["cache_build_s"] > 0

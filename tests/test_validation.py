@@ -75,7 +75,7 @@ def ready(model, trainer=FAKE_TRAINER, **params) -> ValidationPrompts:
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"prompts": []}, "prompts must be a non-empty list of strings, got \\[\\]"),
+        ({"prompts": []}, "prompts must be a non-empty list, got \\[\\]"),
         ({"prompts": "a cat"}, "prompts must be a non-empty list"),
         ({"every_n_steps": 0}, "every_n_steps must be an integer >= 1, got 0"),
         ({"steps": 0}, "steps must be an integer >= 1"),
@@ -138,6 +138,19 @@ def test_samples_come_from_fixed_noise_and_leave_rng_weights_and_modes_alone(tin
     for key, value in tiny.state_dict().items():
         torch.testing.assert_close(value, weights[key], rtol=0, atol=0, msg=key)
     assert tiny.model.training and not tiny.first_stage_model.training
+
+
+def test_prompts_can_each_have_a_bucket_shape(tiny):
+    prompts = ["a red circle", {"prompt": "a wide one", "height": 24, "width": 40}]
+    callback = ValidationPrompts(prompts, steps=2, n_per_prompt=1)
+    callback.setup(FAKE_TRAINER, tiny, "fit")
+    assert callback.shapes == [(4, 8, 8), (4, 6, 10)]
+    samples = callback.sample_prompts(tiny)
+    assert [tuple(s.shape) for s in samples] == [(1, 3, 32, 32), (1, 3, 24, 40)]
+    grid = labelled_grid(callback.prompts, samples)
+    assert grid.shape[1] == 40 * 6  # the wide row (one sample: no grid padding) enlarged 6x
+    with pytest.raises(ConfigError, match="prompts\\[1\\] has unknown keys \\['size'\\]"):
+        ValidationPrompts(["a", {"prompt": "b", "size": 3}])
 
 
 def test_unguided_samples_differ_from_guided_ones(tiny):
