@@ -59,7 +59,7 @@ def folder_config(root: Path, **params) -> dict:
 
 def test_sd_buckets_keep_the_area_step_sides_and_ratio():
     spec = BucketSpec()  # SD at 512: step 64 = 8 x the autoencoder's f = 8
-    sizes = spec.sizes()
+    sizes = spec.sizes
     assert (512, 512) in sizes and len(sizes) == len(set(sizes)) == 5
     for width, height in sizes:
         assert width % 64 == 0 and height % 64 == 0
@@ -68,8 +68,8 @@ def test_sd_buckets_keep_the_area_step_sides_and_ratio():
         assert max(width, height) / min(width, height) <= 2.0
         assert (height, width) in sizes
     assert (640, 384) in sizes and (768, 320) not in sizes  # ratio 2.4
-    assert (768, 320) in BucketSpec(max_ratio=2.5).sizes()
-    wide = BucketSpec(resolution=1024, min_side=512, max_side=2048, max_ratio=4.0).sizes()
+    assert (768, 320) in BucketSpec(max_ratio=2.5).sizes
+    wide = BucketSpec(resolution=1024, min_side=512, max_side=2048, max_ratio=4.0).sizes
     assert (2048, 512) in wide and (1024, 1024) in wide  # SDXL-sized buckets
 
 
@@ -83,9 +83,7 @@ def test_every_image_goes_to_the_bucket_nearest_its_ratio():
     spec = BucketSpec()
     rng = np.random.default_rng(0)
     for width, height in rng.integers(100, 4000, (200, 2)):
-        assert spec.nearest((int(width), int(height))) == nearest_by_hand(
-            spec.sizes(), width, height
-        )
+        assert spec.nearest((int(width), int(height))) == nearest_by_hand(spec.sizes, width, height)
     assert spec.nearest((1920, 1080)) == (640, 384) and spec.nearest((1080, 1920)) == (384, 640)
     assert spec.nearest((1000, 1000)) == (512, 512)
 

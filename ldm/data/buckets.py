@@ -6,7 +6,7 @@
         root: data/photos
         buckets: {resolution: 512, step: 64, min_side: 256, max_side: 1024, max_ratio: 2.0}
 
-`BucketSpec.sizes()` lists (width, height) pairs whose sides are multiples of `step` (64 = 8 x
+`BucketSpec.sizes` lists (width, height) pairs whose sides are multiples of `step` (64 = 8 x
 the SD autoencoder's factor 8, so the UNet's three downsamplings of the latent divide evenly),
 with an area of at most resolution² and more than resolution² - step · max_side (the most the
 rounding down of one side can take off), sides in [min_side, max_side] and a long-to-short side
@@ -20,6 +20,7 @@ moves its items into the nearest bucket (by ratio) that has enough, and logs how
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import Counter, defaultdict
@@ -33,11 +34,11 @@ from PIL import Image
 from torch.utils.data import Sampler
 
 from ldm.data.sampler import rank_and_world_size
+from ldm.data.transform import Size
 from ldm.util import ConfigError, to_plain
 
 logger = logging.getLogger(__name__)
 
-Size = tuple[int, int]  # (width, height) in pixels
 # EXIF orientations that rotate by 90 degrees: the stored width is the shown height.
 TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 EXIF_ORIENTATION = 0x0112
@@ -88,6 +89,7 @@ class BucketSpec:
             raise ConfigError(f"buckets: unknown keys {unknown}; expected some of {sorted(fields)}")
         return cls(**config)
 
+    @functools.cached_property
     def sizes(self) -> list[Size]:
         """The buckets, (width, height), from the widest to the tallest."""
         area, found = self.resolution**2, set()
@@ -101,13 +103,7 @@ class BucketSpec:
     def nearest(self, size: Size) -> Size:
         """The bucket whose aspect ratio is nearest that of an image of `size`."""
         target = log_ratio(size)
-        return min(self.sizes_cached, key=lambda bucket: abs(log_ratio(bucket) - target))
-
-    @property
-    def sizes_cached(self) -> list[Size]:
-        if "_sizes" not in self.__dict__:
-            object.__setattr__(self, "_sizes", self.sizes())
-        return self.__dict__["_sizes"]
+        return min(self.sizes, key=lambda bucket: abs(log_ratio(bucket) - target))
 
 
 def image_size(path: str | Path) -> Size:

@@ -83,8 +83,8 @@ class CacheSource:
                 f"LatentCache: {where} is a streamed data set ({type(dataset).__name__}) that "
                 "cannot be read shard by shard; cache map-style data or WebDatasetShards"
             )
-        self.bucketed = item_sizes(dataset) is not None or getattr(dataset, "spec", None)
-        self.bucketed = bool(self.bucketed)
+        spec = getattr(dataset, "spec", None)  # a bucketed stream's
+        self.bucketed = item_sizes(dataset) is not None or spec is not None
 
     def __len__(self) -> int:
         if self.streamed:

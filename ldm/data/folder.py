@@ -26,6 +26,7 @@ from ldm.data.transform import (
     MASK_MODES,
     ImageTransform,
     alpha_mask,
+    full_mask,
     open_image,
     open_rgb,
     to_unit_range,
@@ -300,7 +301,7 @@ class ImageCaptionFolder(Dataset):
         elif self.masks == "file" and mask_path(self.images[index]).is_file():
             mask = open_image(mask_path(self.images[index]))
         elif self.masks == "file":
-            mask = alpha_mask(image.convert("RGB"))  # no mask file: every pixel counts
+            mask = full_mask(image.size)  # no mask file: every pixel counts
         caption = self.caption_options(self.caption(index))
         out = self.transform(image, target, mask)
         return {**out, "caption": caption, "empty_caption": int(not caption)}

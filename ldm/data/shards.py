@@ -26,7 +26,14 @@ from webdataset.shardlists import expand_urls
 from ldm.data.buckets import BucketSpec, Size, cover_scale
 from ldm.data.captions import CaptionOptions
 from ldm.data.folder import SMALL_IMAGES, file_identity, list_some
-from ldm.data.transform import IMAGE_ERRORS, MASK_MODES, ImageTransform, alpha_mask, open_image
+from ldm.data.transform import (
+    IMAGE_ERRORS,
+    MASK_MODES,
+    ImageTransform,
+    alpha_mask,
+    full_mask,
+    open_image,
+)
 from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -133,7 +140,7 @@ class SampleDecoder:
         if self.masks == "alpha":
             return alpha_mask(image)
         if self.masks == "file":
-            return open_image(sample[MASK_KEY]) if MASK_KEY in sample else alpha_mask(image)
+            return open_image(sample[MASK_KEY]) if MASK_KEY in sample else full_mask(image.size)
         return None
 
 

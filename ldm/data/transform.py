@@ -34,11 +34,16 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
     return open_image(source).convert("RGB")
 
 
+def full_mask(size: Size) -> Image.Image:
+    """An 8-bit mask of `size` (width, height) that keeps every pixel."""
+    return Image.new("L", size, 255)
+
+
 def alpha_mask(image: Image.Image) -> Image.Image:
     """The image's alpha channel as an 8-bit mask (all 255 for an image without one)."""
     if image.mode in ("RGBA", "LA") or "transparency" in image.info:
         return image.convert("RGBA").getchannel("A")
-    return Image.new("L", image.size, 255)
+    return full_mask(image.size)
 
 
 def to_unit_range(image: Image.Image | np.ndarray) -> np.ndarray:
