@@ -117,7 +117,7 @@ def test_a_mask_file_follows_its_images_crop_and_flip(tmp_path):
             np.random.seed(seed)
             item = folder[0]
             white = item["image"].mean(axis=2) > 0  # (24, 24)
-            np.testing.assert_array_equal(item["mask"][:, :, 0] > 0.5, white)
+            np.testing.assert_array_equal(item["loss_mask"][:, :, 0] > 0.5, white)
 
 
 def test_an_alpha_channel_is_a_mask_and_a_missing_mask_file_keeps_everything(tmp_path):
@@ -128,9 +128,9 @@ def test_an_alpha_channel_is_a_mask_and_a_missing_mask_file_keeps_everything(tmp
     rgba[4:12, 4:12, 3] = 255
     Image.fromarray(rgba, "RGBA").save(root / "cut.png")
     (root / "cut.txt").write_text("a cut-out")
-    mask = ImageCaptionFolder(root, size=16, masks="alpha")[0]["mask"][:, :, 0]
+    mask = ImageCaptionFolder(root, size=16, masks="alpha")[0]["loss_mask"][:, :, 0]
     assert mask[8, 8] == 1.0 and mask[0, 0] == 0.0 and mask.sum() == 64
-    assert ImageCaptionFolder(root, size=16, masks="file")[0]["mask"].min() == 1.0
+    assert ImageCaptionFolder(root, size=16, masks="file")[0]["loss_mask"].min() == 1.0
 
 
 def test_a_mask_of_another_size_is_named(tmp_path):
@@ -174,19 +174,19 @@ def test_the_tiny_model_weighs_its_loss_by_a_folders_masks(tmp_path):
         Image.new("L", (32, 32), 255 * i).save(root / f"{i}.mask.png")
     folder = ImageCaptionFolder(root, size=32, masks="file")
     batch = default_collate([folder[0], folder[1]])
-    assert batch["mask"].shape == (2, 32, 32, 1)
+    assert batch["loss_mask"].shape == (2, 32, 32, 1)
     torch.manual_seed(0)
     model = instantiate_from_config(OmegaConf.load(ROOT / "configs/tiny/txt2img.yaml").model)
     model.train()
     torch.manual_seed(1)
     masked, _ = model.shared_step(batch)
-    weighted = {k: v for k, v in batch.items() if k != "mask"}
+    weighted = {k: v for k, v in batch.items() if k != "loss_mask"}
     weighted["loss_weight"] = torch.tensor([0.0, 1.0])
     torch.manual_seed(1)
     by_weights, _ = model.shared_step(weighted)
     torch.testing.assert_close(masked, by_weights)
     torch.manual_seed(1)
-    plain, _ = model.shared_step({k: v for k, v in batch.items() if k != "mask"})
+    plain, _ = model.shared_step({k: v for k, v in batch.items() if k != "loss_mask"})
     assert abs(plain - masked) > 1e-4  # the comparison can fail
 
 
@@ -256,8 +256,8 @@ def test_a_cached_masked_batch_gives_the_loss_of_the_uncached_one(tmp_path):
     write_manifest(tmp_path / "cache", "k", keys, False)
     cached = CachedLatents(tmp_path / "cache", "k")
     assert (
-        cached[2]["mask"].shape == (8, 8, 1)
-        and cached[0]["mask"][0, :, 0].tolist() == [1.0] * 2 + [0.0] * 6
+        cached[2]["loss_mask"].shape == (8, 8, 1)
+        and cached[0]["loss_mask"][0, :, 0].tolist() == [1.0] * 2 + [0.0] * 6
     )
     model.train()
     losses = []

@@ -4,7 +4,7 @@ written, and `CachedLatents`, the map-style data set that reads them back.
     <dir>/<split>/shard-00000.safetensors   per item (row r of the shard), one tensor each:
                                               first_stage_moments.r (2C, h, w): [mean | logvar]
                                               cond_stage_context.r (L, D): the text encoder's
-                                              mask.r (h, w, 1): the loss mask on the latent grid
+                                              loss_mask.r (h, w, 1): on the latent grid
                                             metadata: the shard's key, and per row its caption
                                             and its image size (width, height) as JSON
     <dir>/<split>/manifest.json             written last: the cache key, every shard's key and

@@ -106,7 +106,7 @@ class ImageCaptionFolder(Dataset):
     """Images under `root` (recursive) with `.txt` or `metadata.jsonl` captions, or one
     `caption` for all (a DreamBooth folder's instance or class prompt); items are
     `{"image": float32 (H, W, 3) in [-1, 1], "caption": str, "skipped": int,
-    "empty_caption": 0 or 1}`, plus `"mask"` (H, W, 1) in [0, 1] with `masks`.
+    "empty_caption": 0 or 1}`, plus `"loss_mask"` (H, W, 1) in [0, 1] with `masks`.
 
     Without `buckets` every image is resized and cropped to `size`×`size`; with them (a
     `BucketSpec` mapping) to the bucket nearest its aspect ratio (`bucket_sizes`, one per item).

@@ -98,7 +98,7 @@ def read_caption(sample: dict[str, Any], where: str) -> str:
 
 class SampleDecoder:
     """Raw webdataset sample -> `{"image": (H, W, 3) float32 in [-1, 1], "caption": str,
-    "empty_caption": 0 or 1}` (+ `"mask"` (H, W, 1)), cropped to its bucket or the square.
+    "empty_caption": 0 or 1}` (+ `"loss_mask"` (H, W, 1)), cropped to its bucket or the square.
 
     Raises ValueError, naming the sample, for what cannot be trained on: no image, an
     unreadable one, no caption, a mask of another size, an image too small (`skip`).

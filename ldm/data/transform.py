@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ldm.models.diffusion.conditioning import LOSS_MASK_KEY
+
 CROPS = ("center", "random")
 MASK_MODES = ("file", "alpha")
 # What Pillow raises for truncated, corrupt or absurdly large files.
@@ -71,7 +73,7 @@ class ImageTransform:
     def __call__(
         self, image: Image.Image, target: Size | None = None, mask: Image.Image | None = None
     ) -> dict[str, np.ndarray]:
-        """`{"image": float32 (H, W, 3) in [-1, 1]}` at target (W, H), plus `"mask"`
+        """`{"image": float32 (H, W, 3) in [-1, 1]}` at target (W, H), plus `"loss_mask"`
         (H, W, 1) in [0, 1] when a mask (of the image's size) is given."""
         target = target or (self.size, self.size)
         image = resize_to_cover(image.convert("RGB"), target, Image.Resampling.BICUBIC)
@@ -80,7 +82,7 @@ class ImageTransform:
         out = {"image": to_unit_range(crop_and_flip(image, box, flip))}
         if mask is not None:
             mask = resize_to_cover(mask.convert("L"), target, Image.Resampling.BILINEAR)
-            out["mask"] = to_mask_array(crop_and_flip(mask, box, flip))
+            out[LOSS_MASK_KEY] = to_mask_array(crop_and_flip(mask, box, flip))
         return out
 
     def crop_box(self, size: Size, target: Size) -> tuple[int, int, int, int]:

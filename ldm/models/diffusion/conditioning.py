@@ -26,7 +26,7 @@ MOMENTS_KEY, CONTEXT_KEY = "first_stage_moments", "cond_stage_context"
 # Each item's weight in the loss (ldm.data.mix.DataMix sets it; 1 when absent).
 LOSS_WEIGHT_KEY = "loss_weight"
 # Each pixel's weight in the loss, (B, H, W, 1) in [0, 1] (ldm.data.folder's masks).
-LOSS_MASK_KEY = "mask"
+LOSS_MASK_KEY = "loss_mask"
 
 
 def parse_ucg_training(config: Mapping | None) -> dict[str, dict]:

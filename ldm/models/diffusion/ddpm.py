@@ -310,7 +310,7 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
     def p_losses(self, x0, cond, t, noise=None, prefix=None, weights=None, mask=None) -> tuple:
         """The training loss at timesteps t (`DiffusionLoss`) and the values to log; `weights`
         (B,) weigh the items (the batch's `loss_weight`, e.g. DreamBooth's class images) and
-        `mask` (B, 1, H, W) the pixels (the batch's `mask`)."""
+        `mask` (B, 1, H, W) the pixels (the batch's `loss_mask`)."""
 
         def predict(x_t: torch.Tensor, t: torch.Tensor, self_cond) -> torch.Tensor:
             return self.apply_model(x_t, t, cond, self_cond)
