@@ -100,13 +100,15 @@ def merge_lora_files(model, loras: list[tuple[str, float]]) -> None:
         adapters.load_lora_file(model, path, scale)
 
 
-def setup(opt, script: str):
-    """(model, device, prompt batches) for the options; bad options exit naming them."""
+def setup(opt, script: str, default_config: Path = DEFAULT_CONFIG):
+    """(model, device, prompt batches) for the options; bad options exit naming them.
+    `default_config` is the config of a file that is not a main.py run (SD v1's, as the
+    original's scripts)."""
     try:
         batches = read_prompts(opt.prompt, opt.from_file, opt.n_samples)
         config = opt.config
         if config is None and not run_files(opt.ckpt)[0]:
-            config = [DEFAULT_CONFIG]  # not a main.py run: an original SD v1 file, as the original
+            config = [default_config]
         device = choose_device(opt.device)
         model, _ = inference.load_model(
             opt.ckpt, config, use_ema=opt.use_ema, device=device, unsafe_pickle=opt.unsafe_pickle

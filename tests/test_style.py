@@ -14,7 +14,7 @@ import pytest
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.diffusion import ddpm
 from ldm.modules.diffusionmodules import model as ae_nets
-from ldm.modules.diffusionmodules import openaimodel
+from ldm.modules.diffusionmodules import openaimodel, upscaling
 from ldm.modules.encoders import modules as encoders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +70,7 @@ def test_functions_and_model_files_keep_the_house_sizes(path):
 
 CONFIG_CLASSES = [
     (openaimodel.UNetModel, openaimodel.COMPAT_PARAMS),
+    (upscaling.ImageConcatWithNoiseAugmentation, upscaling.COMPAT_PARAMS),
     (ddpm.DDPM, ddpm.COMPAT_PARAMS),
     (ddpm.LatentDiffusion, ddpm.COMPAT_PARAMS),
     (AutoencoderKL, getattr(inspect.getmodule(AutoencoderKL), "COMPAT_PARAMS", {})),

@@ -100,7 +100,7 @@ def test_checkpointing_recomputes_in_backward(monkeypatch):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ({"num_classes": 10}, "num_classes"),
+        ({"num_classes": "bogus"}, "num_classes"),
         ({"context_dim": None}, "use_spatial_transformer needs an int context_dim"),
         ({"num_head_channels": 8}, "exactly one of num_heads and num_head_channels"),
         ({"model_channels": 20}, "multiple of 32"),

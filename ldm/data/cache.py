@@ -189,6 +189,12 @@ class LatentCache(pl.Callback):
                 f"LatentCache: data.params.{split} weighs its items ({dataset}), and the cache "
                 "keeps no loss weights: train this mix without the cache"
             )
+        if model.model.conditioning_key not in (None, "crossattn"):
+            raise ConfigError(
+                f"LatentCache: the model's conditioning_key is {model.model.conditioning_key}, "
+                "whose image conditioning (e.g. inpainting's random masks) is made per step; "
+                "the cache stores text-to-image inputs only: train this model uncached"
+            )
         encoder = model.cond_stage_model
         if not model.cond_stage_trainable and getattr(encoder, "long_prompts", "") == "chunk":
             raise ConfigError(

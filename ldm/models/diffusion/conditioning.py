@@ -19,7 +19,12 @@ from torch import nn
 
 from ldm.util import KEY_ALIASES, instantiate_from_config
 
-CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid")
+# What the UNet is fed, as the original's DiffusionWrapper: c_concat joins the noisy input's
+# channels, c_crossattn is the cross-attention context, c_adm the class label `y` (e.g. the
+# x4 upscaler's noise level).
+CONDITIONING_KEYS = (None, "crossattn", "concat", "hybrid", "hybrid-adm", "crossattn-adm", "adm")
+CONCATS = ("concat", "hybrid", "hybrid-adm")
+CROSSATTNS = ("crossattn", "hybrid", "hybrid-adm", "crossattn-adm")
 
 # Batch keys of cached items: LatentDiffusion reads these in place of images and captions.
 MOMENTS_KEY, CONTEXT_KEY = "first_stage_moments", "cond_stage_context"
@@ -105,22 +110,13 @@ def match_context_lengths(model, cond, uncond) -> tuple:
 
 
 def resolve_conditioning_key(cond_stage_config, conditioning_key: str | None, concat_mode: bool):
-    """The conditioning_key a LatentDiffusion config means, as the original reads it; what is
-    not built yet is refused by name (the original's default, concat, among it)."""
-    if cond_stage_config == "__is_first_stage__":
-        raise NotImplementedError(
-            "LatentDiffusion: cond_stage_config __is_first_stage__ (conditioning on images "
-            "encoded by the first stage) is not supported yet"
-        )
+    """The conditioning_key a LatentDiffusion config means, as the original reads it: unset, it
+    is concat (concat_mode, true by default) or crossattn; none for an unconditional model."""
     if cond_stage_config == "__is_unconditional__":
         return None
-    if conditioning_key is None and concat_mode:
-        raise NotImplementedError(
-            "LatentDiffusion: conditioning_key is not set, so concat_mode (true by default, as "
-            "the original) picks 'concat', which is not supported yet: set conditioning_key: "
-            "crossattn (as the SD configs do)"
-        )
-    return conditioning_key or "crossattn"
+    if conditioning_key is None:
+        return "concat" if concat_mode else "crossattn"
+    return conditioning_key
 
 
 class DiffusionWrapper(nn.Module):
@@ -133,10 +129,17 @@ class DiffusionWrapper(nn.Module):
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
 
-    def forward(self, x, t, c_concat: list | None = None, c_crossattn: list | None = None):
-        if self.conditioning_key in ("concat", "hybrid"):
+    def forward(
+        self, x, t, c_concat: list | None = None, c_crossattn: list | None = None, c_adm=None
+    ):
+        key = self.conditioning_key
+        if key in CONCATS:
             x = torch.cat([x, *c_concat], dim=1)  # (B, C + C_cond, H, W)
-        context = None
-        if self.conditioning_key in ("crossattn", "hybrid"):
-            context = torch.cat(c_crossattn, dim=1)  # (B, L, D)
+        context = torch.cat(c_crossattn, dim=1) if key in CROSSATTNS else None  # (B, L, D)
+        if key == "adm":
+            c_adm = c_crossattn[0]  # the original's class-conditional models: labels as c_crossattn
+        if key in ("hybrid-adm", "crossattn-adm", "adm"):
+            if c_adm is None:
+                raise ValueError(f"conditioning_key {key}: the UNet's class label c_adm is missing")
+            return self.diffusion_model(x, t, context=context, y=c_adm)
         return self.diffusion_model(x, t, context=context)

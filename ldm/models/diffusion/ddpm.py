@@ -8,6 +8,7 @@ Ho et al. 2020 (DDPM).
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -49,9 +50,7 @@ COMPAT_PARAMS = {
     "the samplers take `log_every_t` themselves",
     "concat_mode": "only picks the default conditioning_key when none is given, as the original",
 }
-# The SD base learning rate.
-DEFAULT_LEARNING_RATE = 1.0e-4
-
+DEFAULT_LEARNING_RATE = 1.0e-4  # SD's base learning rate
 
 # Seeds the fixed noise of validation and test losses, so runs compare across resumes.
 EVAL_SEED = 1234
@@ -242,6 +241,7 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         only_model = self.weights.only_unet if only_model is None else only_model
         state_dict = read_weights(path, self, only_unet=only_model, unsafe_pickle=unsafe_pickle)
         state_dict = filter_keys(state_dict, [*ignore_keys, *self.keys_without_place()])
+        state_dict = self.adapt_weights(state_dict, str(path))
         if only_model:
             target, state_dict = self.model, unet_weights(state_dict)
             expected = "a UNet: an original SD file's model.diffusion_model.* or diffusion_model.*"
@@ -254,6 +254,10 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
     def keys_without_place(self) -> list[str]:
         """Prefixes of a file's keys that this model leaves out on purpose (none here)."""
         return []
+
+    def adapt_weights(self, state_dict: dict, path: str) -> dict:
+        """A file's weights made to fit this model (as they are here; inpainting widens them)."""
+        return state_dict
 
     def computed_keys(self) -> list[str]:
         """Keys a file may lack: the schedule (built from the config), the EMA (restarted) and
@@ -335,7 +339,7 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
     def shared_step(self, batch: Mapping, prefix: str | None = None) -> tuple[torch.Tensor, dict]:
         weights = batch.get(LOSS_WEIGHT_KEY)  # per item, from ldm.data.mix.DataMix
         mask = batch.get(LOSS_MASK_KEY)  # per pixel, (B, H, W, 1)
-        mask = channels_first(mask) if mask is not None else None
+        mask = mask if mask is None else channels_first(mask)
         return self(*self.get_input(batch), prefix=prefix, weights=weights, mask=mask)
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
@@ -429,11 +433,17 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
 
 
-def __getattr__(name: str):
-    """`ldm.models.diffusion.ddpm.LatentDiffusion`, the configs' target, from `latent.py`
-    (imported on first use: latent.py builds on DDPM, so it cannot be imported above)."""
-    if name == "LatentDiffusion":
-        from ldm.models.diffusion.latent import LatentDiffusion
+# The original module's classes that live elsewhere here (built on DDPM: imported on use).
+MOVED = {
+    "LatentDiffusion": "ldm.models.diffusion.latent",
+    "LatentFinetuneDiffusion": "ldm.models.diffusion.inpainting",
+    "LatentInpaintDiffusion": "ldm.models.diffusion.inpainting",
+    "LatentUpscaleDiffusion": "ldm.models.diffusion.upscale",
+}
 
-        return LatentDiffusion
+
+def __getattr__(name: str):
+    """`ldm.models.diffusion.ddpm.LatentDiffusion` and MOVED's others, the configs' targets."""
+    if name in MOVED:
+        return getattr(importlib.import_module(MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

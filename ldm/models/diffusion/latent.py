@@ -83,8 +83,9 @@ class LatentDiffusion(DDPM):
         self.cond_stage_model = self.make_cond_stage(cond_stage_config)
         self.lora, self.lora_specs = self.make_lora(lora_config)
 
-    # Concat and hybrid conditioning (SD's inpainting and upscaling models) are not built yet.
-    supported_conditioning = (None, "crossattn")
+    # Text (crossattn), an image's channels (concat: an image-conditioned LDM), or both (hybrid:
+    # SD's inpainting models, `inpainting.py`); the class-label keys are the upscaler's.
+    supported_conditioning = (None, "crossattn", "concat", "hybrid")
 
     def after_loading(self, loaded: set[str], path) -> None:
         super().after_loading(loaded, path)
@@ -92,6 +93,12 @@ class LatentDiffusion(DDPM):
             self._rescale_pending = False
 
     def make_cond_stage(self, config: Mapping | str) -> nn.Module | None:
+        """The condition stage; `__is_first_stage__`: the first stage itself, as the original
+        (so its keys appear under both prefixes), encoding conditioning images to latents."""
+        if config == "__is_first_stage__":
+            if self.cond_stage_trainable:
+                raise ConfigError("cond_stage_config __is_first_stage__ cannot be trainable")
+            return self.first_stage_model
         model = instantiate_from_config(config)
         if model is None or not self.cond_stage_trainable:
             return model if model is None else frozen(model)
@@ -194,7 +201,7 @@ class LatentDiffusion(DDPM):
         z = self.get_first_stage_encoding(self.first_stage_posterior(batch, key))
         if self.cond_stage_model is None:
             return z, None
-        c = batch_item(batch, self.cond_stage_key)
+        c = self.condition_input(batch)
         ucg = self.ucg_training.get(self.cond_stage_key) if self.training else None
         if CONTEXT_KEY in batch and not self.encodes_in_forward:
             c = batch[CONTEXT_KEY]
@@ -207,6 +214,14 @@ class LatentDiffusion(DDPM):
             with torch.no_grad():
                 c = self.get_learned_conditioning(c)
         return z, c
+
+    def condition_input(self, batch: Mapping):
+        """The batch's `cond_stage_key` entry: captions as they are, an image (B, H, W, C) as
+        (B, C, H, W) (the original's rule: a conditioning image for the condition stage)."""
+        c = batch_item(batch, self.cond_stage_key)
+        if isinstance(c, torch.Tensor) and c.ndim == 4:
+            return self.batch_images(batch, self.cond_stage_key).to(self.device)
+        return c
 
     @torch.no_grad()
     def constant_context(self, caption: str) -> torch.Tensor:

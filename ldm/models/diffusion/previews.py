@@ -2,7 +2,7 @@
 
 Pixel models: the batch's images and EMA samples. Latent models: the inputs, their
 reconstructions through the autoencoder, and EMA samples for the batch's captions, unguided
-and guided (unconditional models: unguided only).
+and guided (unconditional models and image-conditioned ones: unguided only).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def latent_previews(
     """{"captions", "inputs", "reconstructions", "samples_cfg1", "samples_cfg<scale>"} for up
     to n items of the batch (a latent cache's batch has no inputs to show)."""
     batch = {k: v[:n] for k, v in batch.items()}
-    z, _ = model.get_input(batch)  # (n, C, h, w)
+    z, c = model.get_input(batch)  # (n, C, h, w)
     images = {}
     if MOMENTS_KEY not in batch:
         images["inputs"] = model.batch_images(batch)
@@ -38,6 +38,9 @@ def latent_previews(
     with model.ema_scope():
         if model.cond_stage_model is None:
             images["samples"] = model.decode_first_stage(model.sample(None, len(z), steps))
+            return images
+        if model.model.conditioning_key != "crossattn":  # conditioned on an image: unguided
+            images["samples"] = model.decode_first_stage(model.sample(c, len(z), steps))
             return images
         captions = list(batch_item(batch, model.cond_stage_key))
         cond = model.get_learned_conditioning(captions)

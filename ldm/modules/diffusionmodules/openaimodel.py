@@ -138,8 +138,60 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
+def check_attention_params(
+    spatial: bool, context_dim: int | None, num_heads: int, num_head_channels: int
+) -> None:
+    """Raise, naming the param, on attention settings the blocks cannot be built from."""
+    if spatial and not isinstance(context_dim, int):
+        raise ValueError(
+            f"UNetModel: use_spatial_transformer needs an int context_dim, got {context_dim!r}"
+        )
+    if (num_heads == -1) == (num_head_channels == -1):
+        raise ValueError("UNetModel: set exactly one of num_heads and num_head_channels")
+
+
+def check_disable_self_attentions(disable: list[bool], channel_mult: list[int]) -> None:
+    """Raise unless disable_self_attentions has one flag per level, as the original indexes it."""
+    if len(disable) != len(channel_mult):
+        raise ValueError(
+            f"UNetModel: disable_self_attentions needs one bool per channel_mult level "
+            f"({len(channel_mult)}), got {list(disable)!r}"
+        )
+
+
+def make_label_emb(
+    num_classes: int | str | None, adm_in_channels: int | None, emb_dim: int
+) -> nn.Module | None:
+    """The original's `label_emb`, whose output is added to the time embedding (B, emb_dim):
+    an nn.Embedding of int class ids, a Linear of one float ("continuous"), or an MLP of
+    (B, adm_in_channels) vectors ("sequential": SDXL's size and crop conditioning, unCLIP)."""
+    if adm_in_channels is not None and num_classes != "sequential":
+        raise ValueError(
+            f"UNetModel: adm_in_channels is read only with num_classes='sequential', "
+            f"got num_classes={num_classes!r}"
+        )
+    if num_classes is None:
+        return None
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes > 0:
+        return nn.Embedding(num_classes, emb_dim)
+    if num_classes == "continuous":
+        return nn.Linear(1, emb_dim)
+    if num_classes == "sequential":
+        if not isinstance(adm_in_channels, int):
+            raise ValueError("UNetModel: num_classes='sequential' needs an int adm_in_channels")
+        mlp = nn.Sequential(
+            nn.Linear(adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        return nn.Sequential(mlp)  # nested, for the original's `label_emb.0.{0,2}` keys
+    raise ValueError(
+        f"UNetModel: num_classes must be a positive int, 'continuous' or 'sequential'; "
+        f"got {num_classes!r}"
+    )
+
+
 class UNetModel(nn.Module):
-    """The SD UNet: `forward(x (B,C,H,W), timesteps (B,), context (B,L,D)) -> (B,C_out,H,W)`."""
+    """The SD UNet: `forward(x (B,C,H,W), timesteps (B,), context (B,L,D), y) -> (B,C_out,H,W)`,
+    with `y` the class labels or ADM vectors of a model with num_classes (see make_label_emb)."""
 
     def __init__(
         self,
@@ -153,7 +205,7 @@ class UNetModel(nn.Module):
         channel_mult: list[int] = (1, 2, 4, 8),
         conv_resample: bool = True,
         dims: int = 2,
-        num_classes: int | None = None,
+        num_classes: int | str | None = None,
         use_checkpoint: bool = False,
         use_fp16: bool = False,
         num_heads: int = -1,
@@ -171,28 +223,27 @@ class UNetModel(nn.Module):
         num_attention_blocks: list[int] | None = None,
         disable_middle_self_attn: bool = False,
         use_linear_in_transformer: bool = False,
+        adm_in_channels: int | None = None,
     ):
         super().__init__()
-        unsupported = {
-            "conv_resample": (conv_resample, True),
-            "dims": (dims, 2),
-            "num_classes": (num_classes, None),
-            "resblock_updown": (resblock_updown, False),
-            "n_embed": (n_embed, None),
-            "num_attention_blocks": (num_attention_blocks, None),
-        }
-        reject_unsupported("UNetModel", unsupported)
-        if use_spatial_transformer and not isinstance(context_dim, int):
-            raise ValueError(
-                f"UNetModel: use_spatial_transformer needs an int context_dim, got {context_dim!r}"
-            )
-        if (num_heads == -1) == (num_head_channels == -1):
-            raise ValueError("UNetModel: set exactly one of num_heads and num_head_channels")
+        reject_unsupported(
+            "UNetModel",
+            {
+                "conv_resample": (conv_resample, True),
+                "dims": (dims, 2),
+                "resblock_updown": (resblock_updown, False),
+                "n_embed": (n_embed, None),
+                "num_attention_blocks": (num_attention_blocks, None),
+            },
+        )
+        check_attention_params(use_spatial_transformer, context_dim, num_heads, num_head_channels)
         self.model_channels = model_channels
         self.num_res_blocks = num_res_blocks
         self.channel_mult = list(channel_mult)
         self.attention_resolutions = set(attention_resolutions)
         self.disable_self_attentions = disable_self_attentions or [False] * len(channel_mult)
+        check_disable_self_attentions(self.disable_self_attentions, channel_mult)
+        self.num_classes, self.adm_in_channels = num_classes, adm_in_channels
         self.block_kwargs = dict(dropout=dropout, use_checkpoint=use_checkpoint)
         self.resblock_kwargs = dict(use_scale_shift_norm=use_scale_shift_norm)
         self.attn_kwargs = dict(
@@ -212,6 +263,7 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             nn.Linear(time_embed_dim, time_embed_dim),
         )
+        self.label_emb = make_label_emb(num_classes, adm_in_channels, time_embed_dim)
         self.input_blocks, skip_channels = self._make_input_blocks(in_channels, time_embed_dim)
         ch = model_channels * self.channel_mult[-1]
         self.middle_block = self._make_middle_block(ch, time_embed_dim, disable_middle_self_attn)
@@ -295,6 +347,26 @@ class UNetModel(nn.Module):
                 blocks.append(TimestepEmbedSequential(*layers))
         return blocks
 
+    def _check_y(self, y: torch.Tensor | None, batch: int) -> None:
+        """Raise unless `y` is given exactly when num_classes is set, shaped as label_emb takes."""
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError("UNetModel: got class labels `y`, but num_classes is not set")
+            return
+        if self.num_classes == "sequential":
+            shape, what = (batch, self.adm_in_channels), "(B, adm_in_channels) floats"
+        elif self.num_classes == "continuous":
+            shape, what = (batch, 1), "(B, 1) floats"
+        else:
+            shape, what = (batch,), "(B,) integer class ids"
+        ids = not isinstance(self.num_classes, str)  # nn.Embedding takes integers only
+        if y is None or tuple(y.shape) != shape or y.is_floating_point() == ids:
+            got = None if y is None else f"{tuple(y.shape)} {y.dtype}"
+            raise ValueError(
+                f"UNetModel: num_classes={self.num_classes!r} needs y as {what}, "
+                f"{shape} here; got {got}"
+            )
+
     def forward(
         self,
         x: torch.Tensor,
@@ -302,9 +374,10 @@ class UNetModel(nn.Module):
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if y is not None:
-            raise ValueError("UNetModel: class labels `y` need num_classes, which is not supported")
+        self._check_y(y, x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))  # (B, 4 mc)
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(y)  # (B, 4 mc)
         skips, h = [], x  # x: (B, C_in, H, W)
         for block in self.input_blocks:
             h = block(h, emb, context)  # (B, mc * mult, H / 2^level, W / 2^level)
