@@ -257,3 +257,23 @@ def test_inpaint_py_names_a_missing_mask_a_wrong_size_and_a_text_to_image_model(
         inpaint.main(
             ["--indir", str(indir), "--ckpt", str(tmp_path / "t2i.ckpt"), "--config", config] + FAST
         )
+
+
+def test_the_inpainting_demo_runs_end_to_end_on_a_small_budget(tmp_path):
+    from scripts import demo_inpainting
+
+    base = main.main(
+        ["--base", str(ROOT / "configs/tiny/txt2img.yaml"), "-t", "--no-test"]
+        + ["-l", str(tmp_path / "base"), "--max_steps", "2", "data.params.batch_size=4"]
+        + ["data.params.num_workers=0", "lightning.trainer.limit_val_batches=1"]
+    )
+    result = demo_inpainting.main(
+        ["--base_run", str(base.default_root_dir), "--outdir", str(tmp_path / "out")]
+        + ["--logdir", str(tmp_path / "logs"), "--steps", "2", "--n_per_prompt", "1"]
+        + ["--eval_steps", "2"]
+    )
+    for name in ("before_fine_tuning", "fine_tuned"):
+        assert {"color", "shape", "background", "outside_kept"} <= set(result[name])
+        assert result[name]["n_images"] == 24
+    assert (tmp_path / "out" / "inpainting.png").is_file()
+    assert (tmp_path / "out" / "inpainting.json").is_file()

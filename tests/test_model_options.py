@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import load_config
+from conftest import fit_fixed_batch, load_config
 
 from ldm.util import instantiate_from_config
 
@@ -101,3 +101,37 @@ def test_a_trainable_condition_stage_must_not_be_frozen():
     model = instantiate_from_config(config)
     encoder = {id(p) for p in model.cond_stage_model.parameters()}
     assert encoder and encoder <= {id(p) for p in model.trainable_parameters()}
+
+
+def image_conditioned():
+    """The tiny model conditioned on a second image through the first stage (the original's
+    `cond_stage_config: __is_first_stage__`, `conditioning_key: concat`)."""
+    config = load_config("tiny/txt2img.yaml").model
+    config.params.update(cond_stage_config="__is_first_stage__", cond_stage_key="low")
+    config.params.update(conditioning_key="concat", ucg_training=None)
+    unet = config.params.unet_config.params
+    unet.in_channels, unet.use_spatial_transformer = 8, False  # 4 latent + 4 conditioning
+    unet.pop("context_dim")
+    torch.manual_seed(0)
+    return instantiate_from_config(config)
+
+
+def test_an_image_conditioned_model_encodes_its_condition_with_the_first_stage():
+    model = image_conditioned()
+    state = model.state_dict()
+    first = {k[len("first_stage_model.") :] for k in state if k.startswith("first_stage_model.")}
+    assert first == {k[len("cond_stage_model.") :] for k in state if k.startswith("cond_stage_")}
+    images = Images(4).images
+    batch = {"image": images, "low": images.flip(1), "caption": [""] * 4}
+    model.eval()
+    z, c = model.get_input(batch)
+    posterior = model.first_stage_model.encode(batch["low"].permute(0, 3, 1, 2))
+    torch.testing.assert_close(c, posterior.mode())  # the original's: unscaled, the mode
+    model.train()
+    t, noise = torch.randint(0, 1000, (4,)), torch.randn_like(z)
+    losses, _ = fit_fixed_batch(model, z, c, t, noise, steps=8, lr=3e-3)
+    assert losses[-1] < 0.8 * losses[0]
+    model.eval()
+    with torch.no_grad():
+        previews = model.log_images(batch, n=2, steps=2)
+    assert previews["samples"].shape == (2, 3, 32, 32)
