@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.models.diffusion import ddpm
+from ldm.models.diffusion import ddpm, upscale
 from ldm.modules.diffusionmodules import model as ae_nets
 from ldm.modules.diffusionmodules import openaimodel, upscaling
 from ldm.modules.encoders import modules as encoders
@@ -73,6 +73,7 @@ CONFIG_CLASSES = [
     (upscaling.ImageConcatWithNoiseAugmentation, upscaling.COMPAT_PARAMS),
     (ddpm.DDPM, ddpm.COMPAT_PARAMS),
     (ddpm.LatentDiffusion, ddpm.COMPAT_PARAMS),
+    (upscale.LatentUpscaleDiffusion, {}),
     (AutoencoderKL, getattr(inspect.getmodule(AutoencoderKL), "COMPAT_PARAMS", {})),
     (ae_nets.Encoder, getattr(ae_nets, "COMPAT_PARAMS", {})),
     (ae_nets.Decoder, getattr(ae_nets, "COMPAT_PARAMS", {})),
