@@ -258,3 +258,21 @@ def test_upscale_py_refuses_a_text_to_image_model_and_a_noise_level_out_of_range
         upscale.main(
             ["--init-img", image, "--ckpt", str(tmp_path / "t2i.ckpt"), "--config", config] + FAST
         )
+
+
+def test_the_upscaling_demo_runs_end_to_end_on_a_small_budget(tmp_path):
+    from scripts import demo_upscale
+
+    ae = main.main(
+        ["--base", str(ROOT / "configs/tiny/autoencoder.yaml"), "-t", "--no-test"]
+        + ["-l", str(tmp_path / "ae"), "--max_steps", "2", "data.params.batch_size=4"]
+        + ["data.params.num_workers=0", "lightning.trainer.limit_val_batches=1"]
+    )
+    result = demo_upscale.main(
+        ["--autoencoder_run", str(ae.default_root_dir), "--outdir", str(tmp_path / "out")]
+        + ["--logdir", str(tmp_path / "logs"), "--steps", "2", "--n_per_prompt", "1"]
+        + ["--eval_steps", "2"]
+    )
+    assert {"color", "shape", "background", "psnr_db"} <= set(result["upscaler"])
+    assert result["originals"]["all"] == 1.0  # the judge reads the originals right
+    assert result["n_images"] == 24 and (tmp_path / "out" / "upscale.png").is_file()
