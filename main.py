@@ -16,7 +16,7 @@ import warnings
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
 from ldm.callbacks import (
     AtomicCheckpointIO,
@@ -38,6 +38,7 @@ from ldm.checkpoint import (
     saved_configs,
 )
 from ldm.data import DataModuleFromConfig  # noqa: F401  (original configs name main.DataModuleFromConfig)
+from ldm.progress import StepProgressBar
 from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger("main")
@@ -56,6 +57,13 @@ DEFAULT_SEED = 23
 RUN_TIMESTAMP_ENV = "LDM_RUN_TIMESTAMP"
 KEEP_CHECKPOINTS = 3  # step checkpoints kept by default (and best ones, with a monitor)
 DEFAULT_LOGGER = {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"name": "csv"}}
+# Callbacks every run gets, under `lightning.callbacks`: an override such as
+# `lightning.callbacks.progress_log.params.every_n_steps=50` sets their arguments, and
+# `lightning.callbacks.loss_curve=null` leaves one out.
+DEFAULT_CALLBACKS = {
+    "progress_log": {"target": "ldm.progress.ProgressLog", "params": {"every_n_steps": None}},
+    "loss_curve": {"target": "ldm.progress.LossCurve"},
+}
 # Lightning warnings about what is here by design: the frozen first and condition stages stay
 # in eval mode, and the autoencoder's checkpoints hold the state after its (manual) step.
 EXPECTED_WARNINGS = (
@@ -203,7 +211,14 @@ def trainer_kwargs(opt: argparse.Namespace, lightning_config: DictConfig) -> dic
         if value is not None:
             kwargs[flag] = int(value) if flag == "devices" and value.isdigit() else value
     kwargs.setdefault("accelerator", "auto")
+    kwargs.setdefault("enable_progress_bar", interactive())
     return kwargs
+
+
+def interactive() -> bool:
+    """Whether someone watches a terminal: then a progress bar (to stdout) shows the run;
+    output piped to a file gets ProgressLog's lines (through logging, to stderr) instead."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def device_count(kwargs: dict) -> int:
@@ -236,7 +251,8 @@ def checkpoint_callbacks(ckptdir: str, monitor, config: DictConfig, lightning_co
 
     K is `lightning.modelcheckpoint.params.save_top_k` (KEEP_CHECKPOINTS; -1 keeps every one).
     """
-    params = OmegaConf.to_container(lightning_config.get("modelcheckpoint", {}).get("params", {}))
+    params = OmegaConf.select(lightning_config, "modelcheckpoint.params")
+    params = {} if params is None else OmegaConf.to_container(params)  # none in the config
     keep = params.get("save_top_k", KEEP_CHECKPOINTS)
     steps = {
         "dirpath": ckptdir,
@@ -261,7 +277,9 @@ def checkpoint_callbacks(ckptdir: str, monitor, config: DictConfig, lightning_co
     return callbacks
 
 
-def make_callbacks(now, logdir, config, lightning_config, model) -> list[pl.Callback]:
+def make_callbacks(now, logdir, config, lightning_config, model, bar: bool) -> list[pl.Callback]:
+    """main.py's callbacks, `DEFAULT_CALLBACKS` and the config's `lightning.callbacks`; with
+    `bar` (the Trainer's enable_progress_bar), a StepProgressBar unless the config names one."""
     ckptdir, cfgdir = str(checkpoint_dir(logdir)), str(config_dir(logdir))
     callbacks = [
         SetupCallback(now, logdir, ckptdir, cfgdir, config, lightning_config),
@@ -272,8 +290,12 @@ def make_callbacks(now, logdir, config, lightning_config, model) -> list[pl.Call
         LearningRateMonitor(logging_interval="step"),
         *checkpoint_callbacks(ckptdir, getattr(model, "monitor", None), config, lightning_config),
     ]
-    for cfg in lightning_config.get("callbacks", {}).values():
-        callbacks.append(instantiate_from_config(cfg))
+    configured = OmegaConf.merge(DEFAULT_CALLBACKS, lightning_config.get("callbacks", {}))
+    for cfg in configured.values():
+        if cfg is not None:
+            callbacks.append(instantiate_from_config(cfg))
+    if bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(StepProgressBar())
     return callbacks
 
 
@@ -328,7 +350,9 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     trainer = pl.Trainer(
         **kwargs,
         logger=make_logger(logdir, lightning_config),
-        callbacks=make_callbacks(now, logdir, config, lightning_config, model),
+        callbacks=make_callbacks(
+            now, logdir, config, lightning_config, model, kwargs["enable_progress_bar"]
+        ),
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # our samplers split data across ranks themselves
         default_root_dir=logdir,

@@ -6,9 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ldm.data.shapes_judge import Verdict, accuracy, judge, prompt_grid
 from ldm.data.synthetic import SyntheticShapes
+from ldm.plots import SIZE
 from scripts import demo
 
 
@@ -72,12 +74,21 @@ def test_demo_runs_end_to_end_and_writes_grids_and_scores(tmp_path):
             "1",
             "--eval_steps",
             "3",
+            "--ckpt_every",
+            "1",
         ]
     )
-    assert (out / "samples.png").is_file() and (out / "captions.txt").is_file()
+    for name in ("samples.png", "captions.txt", "autoencoder_loss.png", "txt2img_loss.png"):
+        assert (out / name).is_file(), name
     saved = json.loads((out / "demo.json").read_text())
     assert saved == result and saved["n_images"] == 24
     assert {"color", "shape", "background", "all", "training_minutes"} <= set(saved)
+    assert {"txt2img_minutes", "scoring_minutes", "curve_minutes"} <= set(saved)
+    # two step checkpoints: each scored (one image per prompt) and drawn against its step
+    curve = json.loads((out / "curve" / "curve.json").read_text())
+    assert [(point["step"], point["n_images"]) for point in curve] == [(1, 24), (2, 24)]
+    with Image.open(out / "accuracy.png") as image:
+        assert image.format == "PNG" and image.size == SIZE
 
 
 @pytest.mark.slow
