@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -218,7 +219,7 @@ def test_a_shorter_negative_prompt_is_padded_as_if_encoded_with_the_prompt(model
 
 def test_validation_prompts_sample_a_long_prompt(model):
     callback = ValidationPrompts([LONG, "a cat"], steps=2, n_per_prompt=1, guidance_scale=3.0)
-    callback.shape = callback.latent_shape(model)
+    callback.setup(SimpleNamespace(strategy=None), model, "fit")
     images = callback.sample_prompts(model)
     assert [tuple(i.shape) for i in images] == [(1, 3, 32, 32)] * 2
     assert all(i.isfinite().all() for i in images)
