@@ -15,7 +15,9 @@ another shape or colour into a masked box and keep everything outside the box.
    the new shape must appear) and compared outside the box with the input (mean absolute
    difference in 0..255, and the share of those pixels within 16 levels).
 3. The same test for the model before fine-tuning (the widened text-to-image model, which
-   ignores the mask) as the baseline.
+   ignores the mask) as the baseline, and the autoencoder's reconstruction of the inputs: the
+   most that can stay outside the box without pasting the original back (`inpaint.py
+   --paste` keeps it exactly).
 
 Pictures and scores go to --outdir: `inpainting.png` (rows of input, mask, result) and
 `inpainting.json`.
@@ -104,19 +106,35 @@ def score(model, data: SyntheticShapes, opt, name: str) -> dict:
         with model.ema_scope():
             results.append(inpaint(model, options, images, mask, prompts).cpu())
     results = torch.cat(results)
-    painted, original = to_uint8(results).astype(int), to_uint8(inputs).astype(int)
-    outside = (mask[0, 0] == 0).numpy()
-    difference = np.abs(painted - original)[:, outside]  # (N, pixels, 3)
-    verdicts = [judge(image.astype(np.uint8), data) for image in painted]
+    verdicts = [judge(image, data) for image in to_uint8(results)]
     rows = torch.stack([inputs, mask.expand_as(inputs) * 2 - 1, results], 1)[:: opt.n_per_prompt]
     grid = to_uint8_grid(rows[:12].flatten(0, 1), nrow=3)
     Image.fromarray(grid).save(Path(opt.outdir) / f"{name}.png")
     return {
         **accuracy(verdicts, labels),
-        "outside_mean_abs_diff": round(float(difference.mean()), 2),
-        "outside_kept": round(float((difference.max(-1) <= CLOSE).mean()), 3),
+        **outside_scores(results, inputs, mask),
         "n_images": len(labels),
     }
+
+
+@torch.no_grad()
+def outside_scores(painted: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor) -> dict:
+    """How close `painted` (N, 3, H, W) stays to `inputs` outside the box: the mean absolute
+    difference in 0..255, and the share of pixels within CLOSE levels."""
+    outside = (mask[0, 0] == 0).numpy()
+    difference = np.abs(to_uint8(painted).astype(int) - to_uint8(inputs).astype(int))[:, outside]
+    return {
+        "outside_mean_abs_diff": round(float(difference.mean()), 2),
+        "outside_kept": round(float((difference.max(-1) <= CLOSE).mean()), 3),
+    }
+
+
+@torch.no_grad()
+def autoencoder_ceiling(model, data: SyntheticShapes, opt) -> dict:
+    """outside_scores of the autoencoder's reconstructions (posterior mode) of the inputs."""
+    inputs, mask, _ = test_cases(data, 1, opt.seed)
+    reconstructions = model.first_stage_model.decode(model.first_stage_model.encode(inputs).mode())
+    return outside_scores(reconstructions.clamp(-1, 1), inputs, mask)
 
 
 def fine_tune(opt, base_file: Path) -> Path:
@@ -143,7 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
     data = instantiate_from_config(config.data.params.validation.params.dataset)
     config.model.params.ckpt_path = str(base_file)
     before = instantiate_from_config(config.model).eval()
-    result = {"before_fine_tuning": score(before, data, opt, "before")}
+    result = {
+        "autoencoder_ceiling": autoencoder_ceiling(before, data, opt),
+        "before_fine_tuning": score(before, data, opt, "before"),
+    }
     began = time.time()
     run = fine_tune(opt, base_file)
     model, _ = inference.load_model(run)

@@ -272,6 +272,7 @@ def test_the_inpainting_demo_runs_end_to_end_on_a_small_budget(tmp_path):
         + ["--logdir", str(tmp_path / "logs"), "--steps", "2", "--n_per_prompt", "1"]
         + ["--eval_steps", "2"]
     )
+    assert set(result["autoencoder_ceiling"]) == {"outside_mean_abs_diff", "outside_kept"}
     for name in ("before_fine_tuning", "fine_tuned"):
         assert {"color", "shape", "background", "outside_kept"} <= set(result[name])
         assert result[name]["n_images"] == 24
