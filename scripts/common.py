@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pytorch_lightning import seed_everything
 from torchvision.utils import make_grid
 
@@ -203,6 +203,33 @@ def read_prompts(prompt: str, from_file: str | None, batch_size: int) -> list[li
 def next_index(directory: Path, pattern: str) -> int:
     """One past the files already in `directory` matching `pattern`: outputs never overwrite."""
     return len(list(directory.glob(pattern)))
+
+
+def read_image(path: str | Path, what: str, mode: str = "RGB") -> Image.Image:
+    """The image at `path` in `mode`; a ValueError naming `what` (e.g. --init-img) if unreadable."""
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"{what} {path}: not a readable image ({err})") from err
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """(1, 3, H, W) in [-1, 1] from an RGB image."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)  # (H, W, 3)
+    return pixels.permute(2, 0, 1)[None]
+
+
+def add_demo_args(parser: argparse.ArgumentParser, outdir: str, steps: int) -> None:
+    """The flags the inpainting and upscaling demos share: where, how long, how scored."""
+    add = parser.add_argument
+    add("--outdir", default=outdir)
+    add("--logdir", default="logs")
+    add("--steps", type=int, default=steps, help="training steps")
+    add("--n_per_prompt", type=int, default=4, help="images per prompt when scoring")
+    add("--eval_steps", type=int, default=50, help="DDIM steps when scoring")
+    add("--scale", type=float, default=3.0, help="classifier-free guidance scale")
+    add("--seed", type=int, default=23)
 
 
 def to_pil(images: torch.Tensor) -> Iterator[Image.Image]:

@@ -48,6 +48,7 @@ from ldm.data.synthetic import SyntheticShapes, draw_shape  # noqa: E402
 from ldm.data.transform import to_unit_range  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 from scripts import convert  # noqa: E402
+from scripts.common import add_demo_args  # noqa: E402
 from scripts.inpaint import inpaint  # noqa: E402
 
 BOX = (5, 27)  # the mask: rows and columns 5..26 of the 32 px image
@@ -59,13 +60,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--base_run", required=True, help="the demo's text-to-image log dir (scripts/demo.py)")
-    add("--outdir", default="outputs/demo-inpainting")
-    add("--logdir", default="logs")
-    add("--steps", type=int, default=1500, help="fine-tuning steps")
-    add("--n_per_prompt", type=int, default=4, help="inpaintings per prompt when scoring")
-    add("--eval_steps", type=int, default=50, help="DDIM steps when scoring")
-    add("--scale", type=float, default=3.0, help="classifier-free guidance scale")
-    add("--seed", type=int, default=23)
+    add_demo_args(parser, "outputs/demo-inpainting", steps=1500)
     return parser
 
 

@@ -42,6 +42,7 @@ from ldm.data.lowres import area_downsample  # noqa: E402
 from ldm.data.shapes_judge import accuracy, judge, prompt_grid, to_uint8  # noqa: E402
 from ldm.data.synthetic import SyntheticShapes  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
+from scripts.common import add_demo_args  # noqa: E402
 from scripts.upscale import upscale  # noqa: E402
 
 FACTOR = 4
@@ -52,13 +53,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--autoencoder_run", required=True, help="the demo's autoencoder log dir (demo.py)")
-    add("--outdir", default="outputs/demo-upscale")
-    add("--logdir", default="logs")
-    add("--steps", type=int, default=1500, help="training steps")
-    add("--n_per_prompt", type=int, default=4, help="upscales per prompt when scoring")
-    add("--eval_steps", type=int, default=50, help="DDIM steps when scoring")
-    add("--scale", type=float, default=3.0, help="classifier-free guidance scale")
-    add("--seed", type=int, default=23)
+    add_demo_args(parser, "outputs/demo-upscale", steps=1500)
     return parser
 
 

@@ -15,9 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,9 +26,11 @@ from scripts.common import (  # noqa: E402
     add_common_args,
     conditionings,
     precision_scope,
+    read_image,
     sampling_options,
     save,
     setup,
+    to_tensor,
 )
 
 
@@ -50,14 +51,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 def load_img(path: str, multiple: int) -> torch.Tensor:
     """(1, 3, H, W) in [-1, 1]: the image at `path`, shrunk to multiples of `multiple`."""
-    try:
-        image = Image.open(path).convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"--init-img {path}: not a readable image ({err})") from err
+    image = read_image(path, "--init-img")
     width, height = (max(multiple, v - v % multiple) for v in image.size)
-    image = image.resize((width, height), Image.Resampling.LANCZOS)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)  # (H, W, 3)
-    return pixels.permute(2, 0, 1)[None]
+    return to_tensor(image.resize((width, height), Image.Resampling.LANCZOS))
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,9 +33,11 @@ from scripts.common import (  # noqa: E402
     add_common_args,
     conditionings,
     precision_scope,
+    read_image,
     sampling_options,
     setup,
     to_pil,
+    to_tensor,
 )
 
 DEFAULT_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inpainting-inference.yaml"
@@ -67,10 +69,7 @@ def find_pairs(indir: Path) -> list[tuple[Path, Path]]:
 def read_pair(image_path: Path, mask_path: Path, multiple: int) -> tuple[torch.Tensor, ...]:
     """(image (1, 3, H, W) in [-1, 1], mask (1, 1, H, W) in {0, 1}), sides cut down to
     multiples of `multiple`."""
-    try:
-        image, mask = Image.open(image_path).convert("RGB"), Image.open(mask_path).convert("L")
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"{image_path.name} or its mask: not a readable image ({err})") from err
+    image, mask = read_image(image_path, "image"), read_image(mask_path, "mask", "L")
     if image.size != mask.size:
         raise ValueError(
             f"{mask_path.name} is {mask.size[0]}x{mask.size[1]} but {image_path.name} is "
@@ -79,9 +78,8 @@ def read_pair(image_path: Path, mask_path: Path, multiple: int) -> tuple[torch.T
     size = tuple(max(multiple, v - v % multiple) for v in image.size)
     image = image.resize(size, Image.Resampling.LANCZOS)
     mask = mask.resize(size, Image.Resampling.NEAREST)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)  # (H, W, 3)
     binary = torch.from_numpy((np.asarray(mask, dtype=np.float32) >= 127.5).astype(np.float32))
-    return pixels.permute(2, 0, 1)[None], binary[None, None]
+    return to_tensor(image), binary[None, None]
 
 
 def check_inpainting_model(model, ckpt: str) -> None:

@@ -19,9 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,9 +29,11 @@ from scripts.common import (  # noqa: E402
     add_common_args,
     conditionings,
     precision_scope,
+    read_image,
     sampling_options,
     save,
     setup,
+    to_tensor,
 )
 
 DEFAULT_CONFIG = ROOT / "configs" / "stable-diffusion" / "x4-upscaling.yaml"
@@ -61,10 +61,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def read_low_res(path: str, multiple: int) -> torch.Tensor:
     """(1, 3, h, w) in [-1, 1]: the image, its sides cut (centred) to multiples of `multiple`."""
-    try:
-        image = Image.open(path).convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"--init-img {path}: not a readable image ({err})") from err
+    image = read_image(path, "--init-img")
     width, height = image.size
     if width < multiple or height < multiple:
         raise ValueError(
@@ -73,9 +70,7 @@ def read_low_res(path: str, multiple: int) -> torch.Tensor:
         )
     w, h = width - width % multiple, height - height % multiple
     left, top = (width - w) // 2, (height - h) // 2
-    image = image.crop((left, top, left + w, top + h))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)  # (h, w, 3)
-    return pixels.permute(2, 0, 1)[None]
+    return to_tensor(image.crop((left, top, left + w, top + h)))
 
 
 def check_upscaler_model(model, ckpt: str) -> None:

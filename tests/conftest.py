@@ -54,6 +54,19 @@ def run_ddp(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedPr
     )
 
 
+def short_run(root: Path, config: str) -> Path:
+    """The log dir of `main.py` training configs/tiny/<config> for two small steps in `root`."""
+    import main
+
+    main.main(
+        ["--base", str(ROOT / "configs" / "tiny" / config), "-t", "--no-test", "-l", str(root)]
+        + ["--max_steps", "2", "data.params.batch_size=4", "data.params.num_workers=0"]
+        + ["lightning.trainer.limit_val_batches=1"]
+    )
+    (logdir,) = sorted(root.iterdir())
+    return logdir
+
+
 def fit_fixed_batch(model, x0, cond, t, noise, steps: int, lr: float) -> tuple[list, dict]:
     """(losses, last logs) of `steps` AdamW steps of `model.p_losses` on one fixed batch."""
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr)

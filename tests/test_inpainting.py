@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, diffusers_original_config, fit_fixed_batch, load_config, sd_manifest
+from conftest import (
+    ROOT,
+    diffusers_original_config,
+    fit_fixed_batch,
+    load_config,
+    sd_manifest,
+    short_run,
+)
 from diffusers import UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from PIL import Image
@@ -187,24 +194,7 @@ def test_a_text_to_image_file_becomes_an_inpainting_model_that_starts_as_it(tmp_
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A main.py log dir of the tiny inpainting model after two steps."""
-    root = tmp_path_factory.mktemp("inpainting-run")
-    main.main(
-        [
-            "--base",
-            str(ROOT / "configs" / "tiny" / "inpainting.yaml"),
-            "-t",
-            "--no-test",
-            "--max_steps",
-            "2",
-            "-l",
-            str(root),
-            "data.params.batch_size=4",
-            "data.params.num_workers=0",
-            "lightning.trainer.limit_val_batches=1",
-        ]
-    )
-    (logdir,) = sorted(root.iterdir())
-    return logdir
+    return short_run(tmp_path_factory.mktemp("inpainting-run"), "inpainting.yaml")
 
 
 def write_pair(indir: Path, name: str = "shape", mask_size=(32, 32)) -> np.ndarray:

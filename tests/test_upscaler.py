@@ -13,6 +13,7 @@ from conftest import (
     diffusers_original_config,
     fit_fixed_batch,
     load_config,
+    short_run,
     with_live_zero_layers,
 )
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
@@ -204,24 +205,7 @@ def test_an_unnoised_low_scale_model_and_a_trainable_text_encoder():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A main.py log dir of the tiny upscaler after two steps."""
-    root = tmp_path_factory.mktemp("upscaling-run")
-    main.main(
-        [
-            "--base",
-            str(ROOT / "configs" / "tiny" / "upscaling.yaml"),
-            "-t",
-            "--no-test",
-            "--max_steps",
-            "2",
-            "-l",
-            str(root),
-            "data.params.batch_size=4",
-            "data.params.num_workers=0",
-            "lightning.trainer.limit_val_batches=1",
-        ]
-    )
-    (logdir,) = sorted(root.iterdir())
-    return logdir
+    return short_run(tmp_path_factory.mktemp("upscaling-run"), "upscaling.yaml")
 
 
 FAST = ["--ddim_steps", "2", "--precision", "full", "--device", "cpu", "--prompt", "a red circle"]
