@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.diffusion.latent import LatentDiffusion
-from ldm.util import ConfigError
+from ldm.util import ConfigError, batch_item
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class LatentInpaintDiffusion(LatentFinetuneDiffusion):
         """Inputs, masked inputs, and EMA inpaintings unguided and guided."""
         batch = {k: v[:n] for k, v in batch.items()}
         z, cond = self.get_input(batch)
-        captions = list(batch[self.cond_stage_key])
+        captions = list(batch_item(batch, self.cond_stage_key))
         uncond = {**cond, "c_crossattn": [self.get_learned_conditioning([""] * len(captions))]}
         images = {
             "inputs": self.batch_images(batch),
