@@ -187,8 +187,8 @@ class BucketBatchSampler(Sampler[list]):
         for group in self.groups:
             if self.shuffle:
                 group = group[torch.randperm(len(group), generator=generator)]
-            n = len(group) // self.batch_size * self.batch_size if self.drop_last else len(group)
-            batches += [group[i : i + self.batch_size].tolist() for i in range(0, n, size)]
+            n = len(group) // size * size if self.drop_last else len(group)
+            batches += [group[i : i + size].tolist() for i in range(0, n, size)]
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
         rank, world = rank_and_world_size()
@@ -203,10 +203,9 @@ class BucketBatchSampler(Sampler[list]):
             yield [(self.epoch, i) for i in batch]
 
     def __len__(self) -> int:
-        full = sum(len(g) // self.batch_size for g in self.groups)
-        if not self.drop_last:
-            full = sum(-(-len(g) // self.batch_size) for g in self.groups)
-        return full // rank_and_world_size()[1]
+        size = self.batch_size
+        per_group = (len(g) // size if self.drop_last else -(-len(g) // size) for g in self.groups)
+        return sum(per_group) // rank_and_world_size()[1]
 
 
 def item_sizes(dataset: Any) -> list[Size] | None:

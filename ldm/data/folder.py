@@ -23,15 +23,14 @@ from ldm.data.buckets import BucketSpec, Size, bucket_summary, cover_scale, imag
 from ldm.data.captions import CaptionOptions
 from ldm.data.transform import (
     IMAGE_ERRORS,
-    MASK_MODES,
     ImageTransform,
-    alpha_mask,
-    full_mask,
+    captioned,
+    check_options,
+    loss_mask,
     open_image,
     open_rgb,
     to_unit_range,
 )
-from ldm.util import ConfigError
 
 __all__ = ["IMAGE_ERRORS", "ImageCaptionFolder", "ImageTransform", "open_rgb", "to_unit_range"]
 
@@ -40,7 +39,6 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 MASK_SUFFIX = ".mask.png"
-SMALL_IMAGES = ("upscale", "skip")
 MAX_LISTED = 5  # file names quoted in an error message before "and N more"
 
 
@@ -135,11 +133,7 @@ class ImageCaptionFolder(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageCaptionFolder: root {str(self.root)!r} is not a folder")
-        if masks not in (None, *MASK_MODES) or small_images not in SMALL_IMAGES:
-            raise ConfigError(
-                f"ImageCaptionFolder: masks {masks!r} / small_images {small_images!r}; expected "
-                f"masks in {(None, *MASK_MODES)} and small_images in {SMALL_IMAGES}"
-            )
+        check_options("ImageCaptionFolder", masks, small_images)
         self.transform = ImageTransform(size, crop, flip_p)
         self.spec, self.caption_options = BucketSpec.parse(buckets), CaptionOptions.parse(captions)
         self.masks, self.fixed_caption = masks, caption
@@ -252,9 +246,7 @@ class ImageCaptionFolder(Dataset):
     @property
     def bucket_sizes(self) -> list[Size] | None:
         """Each item's crop (width, height) when bucketed (small buckets merged), else None."""
-        if self.spec is None:
-            return None
-        return [self.remap.get(target, target) for target in self.targets]
+        return None if self.spec is None else [self.target(i) for i in range(len(self))]
 
     def merge_buckets(self, merged: Mapping[Size, Size]) -> None:
         """Crop the items of each bucket in `merged` to the bucket it maps to."""
@@ -294,17 +286,10 @@ class ImageCaptionFolder(Dataset):
 
     def load(self, index: int, target: Size) -> dict[str, np.ndarray | str | int]:
         """Item `index` cropped to `target`, raising if its files cannot be read."""
-        image = open_image(self.images[index])
-        mask = None
-        if self.masks == "alpha":
-            mask = alpha_mask(image)
-        elif self.masks == "file" and mask_path(self.images[index]).is_file():
-            mask = open_image(mask_path(self.images[index]))
-        elif self.masks == "file":
-            mask = full_mask(image.size)  # no mask file: every pixel counts
+        image, mask_file = open_image(self.images[index]), mask_path(self.images[index])
+        mask = loss_mask(self.masks, image, mask_file if mask_file.is_file() else None)
         caption = self.caption_options(self.caption(index))
-        out = self.transform(image, target, mask)
-        return {**out, "caption": caption, "empty_caption": int(not caption)}
+        return captioned(self.transform(image, target, mask), caption)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray | str | int]:
         n = len(self)

@@ -25,16 +25,15 @@ from webdataset.shardlists import expand_urls
 
 from ldm.data.buckets import BucketSpec, Size, cover_scale
 from ldm.data.captions import CaptionOptions
-from ldm.data.folder import SMALL_IMAGES, file_identity, list_some
+from ldm.data.folder import file_identity, list_some
 from ldm.data.transform import (
     IMAGE_ERRORS,
-    MASK_MODES,
     ImageTransform,
-    alpha_mask,
-    full_mask,
+    captioned,
+    check_options,
+    loss_mask,
     open_image,
 )
-from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ class SampleDecoder:
         caption = read_caption(sample, where)
         try:
             image = open_image(sample[image_key])
-            mask = self.mask(sample, image)
+            mask = loss_mask(self.masks, image, sample.get(MASK_KEY))
         except IMAGE_ERRORS as err:
             raise ValueError(f"{where}: unreadable {image_key} or mask ({err})") from err
         if mask is not None and mask.size != image.size:
@@ -132,16 +131,7 @@ class SampleDecoder:
             if self.small_images == "skip":
                 raise ValueError(f"{where}: {image.size} image is smaller than its crop {target}")
             self.upscaled += 1
-        caption = self.captions(caption)
-        out = self.transform(image, target, mask)
-        return {**out, "caption": caption, "empty_caption": int(not caption)}
-
-    def mask(self, sample: dict[str, Any], image):
-        if self.masks == "alpha":
-            return alpha_mask(image)
-        if self.masks == "file":
-            return open_image(sample[MASK_KEY]) if MASK_KEY in sample else full_mask(image.size)
-        return None
+        return captioned(self.transform(image, target, mask), self.captions(caption))
 
 
 def bucket_batches(items: Iterator[dict], batch_size: int) -> Iterator[dict]:
@@ -198,11 +188,7 @@ class WebDatasetShards(IterableDataset):
                 f"params 'rank' ({rank}) and 'world_size' ({world_size}) must both be None, "
                 "or satisfy 0 ≤ rank < world_size"
             )
-        if masks not in (None, *MASK_MODES) or small_images not in SMALL_IMAGES:
-            raise ConfigError(
-                f"WebDatasetShards: masks {masks!r} / small_images {small_images!r}; expected "
-                f"masks in {(None, *MASK_MODES)} and small_images in {SMALL_IMAGES}"
-            )
+        check_options("WebDatasetShards", masks, small_images)
         self.spec = BucketSpec.parse(buckets)
         self.decoder = SampleDecoder(
             ImageTransform(size, crop, flip_p),

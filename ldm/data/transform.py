@@ -15,9 +15,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ldm.models.diffusion.conditioning import LOSS_MASK_KEY
+from ldm.util import ConfigError
 
 CROPS = ("center", "random")
 MASK_MODES = ("file", "alpha")
+SMALL_IMAGES = ("upscale", "skip")
 # What Pillow raises for truncated, corrupt or absurdly large files.
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -46,6 +48,30 @@ def alpha_mask(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA") or "transparency" in image.info:
         return image.convert("RGBA").getchannel("A")
     return full_mask(image.size)
+
+
+def check_options(where: str, masks: str | None, small_images: str) -> None:
+    """A ConfigError naming `where` unless `masks` and `small_images` are known values."""
+    if masks not in (None, *MASK_MODES) or small_images not in SMALL_IMAGES:
+        raise ConfigError(
+            f"{where}: masks {masks!r} / small_images {small_images!r}; expected masks in "
+            f"{(None, *MASK_MODES)} and small_images in {SMALL_IMAGES}"
+        )
+
+
+def loss_mask(mode: str | None, image: Image.Image, source) -> Image.Image | None:
+    """`image`'s loss mask for `masks: mode`: its alpha channel ("alpha"), the mask file or
+    bytes `source` ("file"; None, no mask file: every pixel counts), or none."""
+    if mode == "alpha":
+        return alpha_mask(image)
+    if mode == "file":
+        return open_image(source) if source is not None else full_mask(image.size)
+    return None
+
+
+def captioned(pixels: dict[str, np.ndarray], caption: str) -> dict:
+    """An item: the transform's arrays, the caption, and whether that caption is empty."""
+    return {**pixels, "caption": caption, "empty_caption": int(not caption)}
 
 
 def to_unit_range(image: Image.Image | np.ndarray) -> np.ndarray:
