@@ -12,6 +12,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -230,6 +231,19 @@ def add_demo_args(parser: argparse.ArgumentParser, outdir: str, steps: int) -> N
     add("--eval_steps", type=int, default=50, help="DDIM steps when scoring")
     add("--scale", type=float, default=3.0, help="classifier-free guidance scale")
     add("--seed", type=int, default=23)
+
+
+def demo_sampling_flags(opt, **extra) -> SimpleNamespace:
+    """The sampling flags inpaint.py's and upscale.py's functions read, for a demo's scoring:
+    DDIM with eta 1 (as evaluate.py scores), the demo's --scale and --eval_steps, and `extra`."""
+    return SimpleNamespace(
+        scale=opt.scale,
+        sampler="ddim",
+        ddim_steps=opt.eval_steps,
+        ddim_eta=1.0,
+        guidance_rescale=0.0,
+        **extra,
+    )
 
 
 def to_pil(images: torch.Tensor) -> Iterator[Image.Image]:

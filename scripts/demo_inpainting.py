@@ -30,7 +30,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -48,7 +47,7 @@ from ldm.data.synthetic import SyntheticShapes, draw_shape  # noqa: E402
 from ldm.data.transform import to_unit_range  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 from scripts import convert  # noqa: E402
-from scripts.common import add_demo_args  # noqa: E402
+from scripts.common import add_demo_args, demo_sampling_flags  # noqa: E402
 from scripts.inpaint import inpaint  # noqa: E402
 
 BOX = (5, 27)  # the mask: rows and columns 5..26 of the 32 px image
@@ -91,8 +90,7 @@ def test_cases(data: SyntheticShapes, n_per_prompt: int, seed: int):
 def score(model, data: SyntheticShapes, opt, name: str) -> dict:
     """The judge's accuracy on the inpaintings and how much stays outside the box."""
     inputs, mask, labels = test_cases(data, opt.n_per_prompt, opt.seed)
-    options = SimpleNamespace(scale=opt.scale, sampler="ddim", ddim_steps=opt.eval_steps)
-    options.__dict__.update(ddim_eta=1.0, guidance_rescale=0.0, paste=False)  # inpaint.py's
+    options = demo_sampling_flags(opt, paste=False)
     torch.manual_seed(opt.seed)
     results = []
     for start in range(0, len(inputs), 32):

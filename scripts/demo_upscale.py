@@ -24,7 +24,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,7 +41,7 @@ from ldm.data.lowres import area_downsample  # noqa: E402
 from ldm.data.shapes_judge import accuracy, judge, prompt_grid, to_uint8  # noqa: E402
 from ldm.data.synthetic import SyntheticShapes  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
-from scripts.common import add_demo_args  # noqa: E402
+from scripts.common import add_demo_args, demo_sampling_flags  # noqa: E402
 from scripts.upscale import upscale  # noqa: E402
 
 FACTOR = 4
@@ -82,8 +81,7 @@ def scores(images: torch.Tensor, data, labels, originals: torch.Tensor | None = 
 @torch.no_grad()
 def evaluate(model, data: SyntheticShapes, opt) -> dict:
     originals, low, labels = test_images(data, opt.n_per_prompt, opt.seed)
-    options = SimpleNamespace(scale=opt.scale, sampler="ddim", ddim_steps=opt.eval_steps)
-    options.__dict__.update(ddim_eta=1.0, guidance_rescale=0.0, noise_level=NOISE_LEVEL)
+    options = demo_sampling_flags(opt, noise_level=NOISE_LEVEL)
     torch.manual_seed(opt.seed)
     upscaled = []
     for start in range(0, len(labels), 32):
