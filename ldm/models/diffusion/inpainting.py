@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ldm.models.diffusion import previews
 from ldm.models.diffusion.latent import LatentDiffusion
 from ldm.util import ConfigError, batch_item
 
@@ -142,7 +143,8 @@ class LatentInpaintDiffusion(LatentFinetuneDiffusion):
             "masked_inputs": self.batch_images(batch, self.masked_image_key),
         }
         with self.ema_scope():
-            for scale in (1.0, guidance_scale):
-                latents = self.sample(cond, len(z), steps, scale, uncond, shape=z.shape[1:])
-                images[f"samples_cfg{scale:g}"] = self.decode_first_stage(latents)
+            samples = previews.guided_samples(
+                self, cond, uncond, len(z), steps, guidance_scale, z.shape[1:]
+            )
+        images.update(samples)
         return {"captions": captions, **images}

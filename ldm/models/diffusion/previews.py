@@ -45,7 +45,19 @@ def latent_previews(
         captions = list(batch_item(batch, model.cond_stage_key))
         cond = model.get_learned_conditioning(captions)
         uncond = model.get_learned_conditioning([""] * len(captions))
-        for scale in (1.0, guidance_scale):
-            latents = model.sample(cond, len(captions), steps, scale, uncond)
-            images[f"samples_cfg{scale:g}"] = model.decode_first_stage(latents)
+        images.update(guided_samples(model, cond, uncond, len(captions), steps, guidance_scale))
     return {"captions": captions, **images}
+
+
+@torch.no_grad()
+def guided_samples(
+    model, cond, uncond, n: int, steps: int, guidance_scale: float, shape=None
+) -> dict[str, torch.Tensor]:
+    """{"samples_cfg1", "samples_cfg<scale>"}: n decoded samples for `cond`, unguided and
+    guided against `uncond` (latents of `shape` (C, h, w), by default the model's), with the
+    weights the caller has in place (its ema_scope)."""
+    images = {}
+    for scale in (1.0, guidance_scale):
+        latents = model.sample(cond, n, steps, scale, uncond, shape=shape)
+        images[f"samples_cfg{scale:g}"] = model.decode_first_stage(latents)
+    return images

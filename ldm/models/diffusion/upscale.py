@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ldm.models.diffusion import previews
 from ldm.models.diffusion.latent import LatentDiffusion, frozen
 from ldm.util import ConfigError, batch_item, instantiate_from_config
 
@@ -168,7 +169,8 @@ class LatentUpscaleDiffusion(LatentDiffusion):
         level = min(noise_level, self.max_noise_level)
         cond, uncond = self.upscale_conditions(low_res, context, level, empty)
         with self.ema_scope():
-            for scale in (1.0, guidance_scale):
-                latents = self.sample(cond, len(z), steps, scale, uncond, shape=z.shape[1:])
-                images[f"samples_cfg{scale:g}"] = self.decode_first_stage(latents)
+            samples = previews.guided_samples(
+                self, cond, uncond, len(z), steps, guidance_scale, z.shape[1:]
+            )
+        images.update(samples)
         return {"captions": captions, **images}
