@@ -1,57 +1,158 @@
-"""Exponential moving average of a model's trainable parameters, stored as buffers.
+"""Exponential moving average of a model's trainable parameters, in the original LitEma's layout.
 
-The buffer names are the parameter names with the dots removed (`model_ema.diffusion_model...`
-in SD checkpoints; the rule is `ldm.checkpoint.ema_buffer_name`), plus `decay` and
-`num_updates`, as in the original LitEma.
+The shadow weights are named as the parameters with the dots removed (`model_ema.diffusion_model...`
+in SD checkpoints; the rule is `ldm.checkpoint.ema_buffer_name`), next to `decay` and
+`num_updates`. On the weights' device they are buffers, as in the original. Kept on the CPU
+(`device="cpu"`) they are plain tensors instead: `.to()`, `.half()` and DDP's buffer broadcast
+do not see them, and only `state_dict` / `load_state_dict` carry them, under the same keys.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from ldm.checkpoint import ema_buffer_name
+from ldm.util import ConfigError
+
+
+def ema_options(ema_device: str | None, ema_update_every: int) -> dict:
+    """LitEma's `device` and `every` from a model's `ema_device` and `ema_update_every` params."""
+    if ema_device not in (None, "cpu"):
+        raise ConfigError(f"ema_device {ema_device!r}: expected cpu, or null (the weights' device)")
+    every = ema_update_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(f"ema_update_every {every!r}: expected an integer >= 1 (optimizer steps)")
+    return {"device": ema_device, "every": every}
 
 
 class LitEma(nn.Module):
-    """EMA of `model`'s trainable parameters, with the original warm-up (1 + n) / (10 + n)."""
+    """EMA of `model`'s trainable parameters, with the original warm-up (1 + n) / (10 + n).
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_updates: bool = True):
+    Args:
+        every: move the shadow weights every `every` optimizer steps, by the decay of all those
+            steps (`interval_decay`), so the time constant in steps does not change.
+        device: where the shadow weights live when not on the weights' device ("cpu"); they
+            keep the dtype the weights had here (fp32) when the model is cast later.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.9999,
+        use_num_updates: bool = True,
+        *,
+        every: int = 1,
+        device: str | torch.device | None = None,
+    ):
         super().__init__()
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"LitEma: decay must be in [0, 1], got {decay}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"LitEma: every must be an integer >= 1, got {every!r}")
+        self.every = every
+        self.offload_device = None if device is None else torch.device(device)
+        self.offloaded: dict[str, torch.Tensor] = {}  # the state, when kept off the model
+        self.steps_without_warm_up = 0  # the step count when num_updates is -1 (not saved)
         self.m_name2s_name = {}
-        self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
+        self.keep("decay", torch.tensor(decay, dtype=torch.float32))
         start = 0 if use_num_updates else -1  # -1 turns the warm-up off
-        self.register_buffer("num_updates", torch.tensor(start, dtype=torch.int))
+        self.keep("num_updates", torch.tensor(start, dtype=torch.int))
         for name, p in model.named_parameters():
             if p.requires_grad:
                 self.m_name2s_name[name] = ema_buffer_name(name)
-                self.register_buffer(self.m_name2s_name[name], p.detach().clone())
+                self.keep(self.m_name2s_name[name], p.detach())
         self.collected_params: list[torch.Tensor] = []
 
+    def keep(self, name: str, value: torch.Tensor) -> None:
+        """A copy of `value` as the buffer `name`, or as a plain tensor on offload_device (one on
+        the meta device stays there: a model built on meta to check keys allocates nothing)."""
+        if self.offload_device is None:
+            self.register_buffer(name, value.clone())
+            return
+        value = value if value.is_meta else value.to(self.offload_device, copy=True)
+        self.offloaded[name] = value
+        setattr(self, name, value)  # a plain attribute (no buffer): `.to()` leaves it alone
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """{state-dict name: tensor}: decay, num_updates and the shadow weights."""
+        return self.offloaded if self.offload_device is not None else dict(self.named_buffers())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, value in self.offloaded.items():
+            destination[prefix + name] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        """Copy into the offloaded tensors in place: they stay on their device, in their dtype."""
+        for name, value in self.offloaded.items():
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+            elif state_dict[key].shape != value.shape:
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape "
+                    f"{tuple(state_dict[key].shape)} from checkpoint, the shape in current "
+                    f"model is {tuple(value.shape)}."
+                )
+            else:
+                with torch.no_grad():
+                    value.copy_(state_dict[key])
+        ours = {prefix + name for name in self.offloaded}
+        others = {k: v for k, v in state_dict.items() if k not in ours}
+        super()._load_from_state_dict(
+            others, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        buffers = dict(self.named_buffers())
+        tensors = self.tensors()
         params = dict(model.named_parameters())
         names = list(self.m_name2s_name)
-        return [params[n] for n in names], [buffers[self.m_name2s_name[n]] for n in names]
+        return [params[n] for n in names], [tensors[self.m_name2s_name[n]] for n in names]
+
+    def count_step(self) -> int:
+        """One more optimizer step followed; num_updates counts them (it is saved, so a resumed
+        run keeps the phase of `every`), or without the warm-up a count since construction."""
+        if self.num_updates < 0:
+            self.steps_without_warm_up += 1
+            return self.steps_without_warm_up
+        self.num_updates += 1
+        return int(self.num_updates.item())
+
+    def interval_decay(self, step: int) -> float:
+        """The decay of the `every` steps up to `step`: the product of their per-step decays,
+        decay ** every once the warm-up is over. The EMA is then the per-step one of weights
+        held constant between updates, its time constant in steps is unchanged."""
+        decay = self.decay.item()
+        if self.num_updates < 0:
+            return decay**self.every
+        steps = range(step - self.every + 1, step + 1)
+        return math.prod(min(decay, (1 + n) / (10 + n)) for n in steps)
 
     @torch.no_grad()
     def forward(self, model: nn.Module) -> None:
-        """Move the shadow weights one step towards `model`'s."""
-        decay = self.decay.item()
-        if self.num_updates >= 0:
-            self.num_updates += 1
-            n = self.num_updates.item()
-            decay = min(decay, (1 + n) / (10 + n))
+        """Follow one optimizer step; every `every`-th moves the shadow weights to `model`'s."""
+        step = self.count_step()
+        if step % self.every:
+            return
+        weight = 1 - self.interval_decay(step)
         params, shadows = self._pairs(model)
-        torch._foreach_lerp_(
-            shadows, [p.to(s.dtype) for p, s in zip(params, shadows, strict=True)], 1 - decay
-        )
+        if self.offload_device is None:
+            targets = [p.to(s.dtype) for p, s in zip(params, shadows, strict=True)]
+            torch._foreach_lerp_(shadows, targets, weight)
+            return
+        for p, s in zip(params, shadows, strict=True):  # one tensor at a time on the host
+            s.lerp_(p.detach().to(s.device, s.dtype), weight)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Write the shadow weights into `model`."""
+        """Write the shadow weights into `model` (on its device, in its dtype)."""
         params, shadows = self._pairs(model)
         for p, s in zip(params, shadows, strict=True):
             p.copy_(s)
@@ -65,8 +166,11 @@ class LitEma(nn.Module):
         self.num_updates.clamp_(max=0)
 
     def store(self, parameters) -> None:
-        """Keep a copy of `parameters` to put back with `restore`."""
-        self.collected_params = [p.detach().clone() for p in parameters]
+        """Keep a copy of `parameters` to put back with `restore`, on offload_device if set (a
+        CPU EMA puts no second copy of the weights on the GPU for validation either)."""
+        self.collected_params = [
+            p.detach().to(self.offload_device or p.device, copy=True) for p in parameters
+        ]
 
     @torch.no_grad()
     def restore(self, parameters) -> None:
@@ -74,3 +178,13 @@ class LitEma(nn.Module):
         for saved, p in zip(self.collected_params, parameters, strict=True):
             p.copy_(saved)
         self.collected_params = []
+
+    @contextmanager
+    def swapped_into(self, model: nn.Module) -> Iterator[None]:
+        """`model` with the shadow weights inside the block, and its own put back after."""
+        self.store(model.parameters())
+        self.copy_to(model)
+        try:
+            yield
+        finally:
+            self.restore(model.parameters())

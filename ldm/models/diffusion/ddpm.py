@@ -35,7 +35,7 @@ from ldm.models.diffusion.conditioning import (
 )
 from ldm.models.diffusion.loss import DiffusionLoss, check_self_conditioning_channels
 from ldm.modules.acceleration import accelerate
-from ldm.modules.ema import LitEma
+from ldm.modules.ema import LitEma, ema_options
 from ldm.util import (
     batch_item,
     channels_first,
@@ -121,6 +121,8 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         immiscible: bool = False,
         channels_last: bool = False,
         compile: bool = False,
+        ema_device: str | None = None,
+        ema_update_every: int = 1,
     ):
         super().__init__()
         self.check_conditioning(conditioning_key)
@@ -156,6 +158,7 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         self.optimizer_config = optimizer_config
         self.model = self.make_model(unet_config, conditioning_key, channels_last, compile)
         self.use_ema = use_ema  # the EMA is built after construction: `after_construction`
+        self.ema_options = ema_options(ema_device, ema_update_every)  # checked with EMA off too
         self.timestep_spacing = "trailing" if zero_terminal_snr else "uniform"  # from SNR 0
         self.register_schedule(betas, v_posterior)
         self.register_logvar(logvar_init, learn_logvar)
@@ -213,7 +216,7 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
     def after_construction(self) -> None:
         """The EMA of what trains, then the config's ckpt_path; `BuildsThenLoads` calls it."""
         if self.use_ema:
-            self.model_ema = LitEma(self.ema_target())
+            self.model_ema = LitEma(self.ema_target(), **self.ema_options)
         if self.weights.path is not None:
             self.init_from_ckpt(self.weights.path)
 
@@ -280,15 +283,10 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         if not self.use_ema:
             yield
             return
-        target = self.ema_target()
-        self.model_ema.store(target.parameters())
-        self.model_ema.copy_to(target)
-        if context:
-            logger.info("%s: switched to EMA weights", context)
-        try:
+        with self.model_ema.swapped_into(self.ema_target()):
+            if context:
+                logger.info("%s: switched to EMA weights", context)
             yield
-        finally:
-            self.model_ema.restore(target.parameters())
 
     def batch_images(self, batch: Mapping, key: str | None = None) -> torch.Tensor:
         """Images (B, H, W, C) in [-1, 1] from the batch (first_stage_key) as (B, C, H, W)."""
@@ -377,7 +375,7 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         )
 
     def optimizer_step(self, *args, **kwargs) -> None:
-        """An optimizer step, then one EMA update: once per step under gradient accumulation."""
+        """An optimizer step, then the EMA follows it (moving every ema_update_every steps)."""
         super().optimizer_step(*args, **kwargs)
         if self.use_ema:
             self.model_ema(self.ema_target())
