@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
@@ -55,6 +56,7 @@ TRAINER_FLAGS = (
 )
 DEFAULT_SEED = 23
 RUN_TIMESTAMP_ENV = "LDM_RUN_TIMESTAMP"
+HPC_PREFIX = "hpc_ckpt_"  # Lightning's SLURM requeue checkpoints, in the log dir itself
 KEEP_CHECKPOINTS = 3  # step checkpoints kept by default (and best ones, with a monitor)
 DEFAULT_LOGGER = {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"name": "csv"}}
 # Callbacks every run gets, under `lightning.callbacks`: an override such as
@@ -100,6 +102,12 @@ def get_parser() -> argparse.ArgumentParser:
     add("-n", "--name", default="", help="postfix of the log dir name")
     add("-p", "--project", help="name of a new or existing project log dir")
     add("-r", "--resume", default="", help="resume from a log dir or a checkpoint in one")
+    add(
+        "--resume_if_exists",
+        action="store_true",
+        help="with -p NAME: resume that log dir (-r) if it holds a checkpoint, else start it; "
+        "one command for a job that SLURM requeues",
+    )
     add("-s", "--seed", type=int, help=f"the run's seed (default {DEFAULT_SEED}; -r: the run's)")
     add("-l", "--logdir", default="logs", help="where log dirs are created")
     add(
@@ -134,16 +142,29 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def latest_checkpoint(logdir: str) -> str | None:
+    """The newest of a run's `last.ckpt` and the `hpc_ckpt_<N>.ckpt` files that Lightning's
+    SLURM requeue writes into the log dir itself (all are written whole, then renamed)."""
+    found = [last_checkpoint(logdir), *Path(logdir).glob(f"{HPC_PREFIX}*.ckpt")]
+    found = [path for path in found if path.is_file()]
+    return str(max(found, key=lambda path: path.stat().st_mtime_ns)) if found else None
+
+
 def resolve_resume(resume: str) -> tuple[str, str]:
     """(log dir, checkpoint) of a `-r` argument: a log dir or a checkpoint inside one."""
     if not os.path.exists(resume):
         raise FileNotFoundError(f"-r/--resume: {resume!r} does not exist")
     if os.path.isfile(resume):
-        logdir = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
-        return logdir, resume
-    ckpt = str(last_checkpoint(resume.rstrip("/")))
-    if not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"-r/--resume: no {ckpt}; pass the checkpoint to resume from")
+        folder = os.path.dirname(os.path.abspath(resume))
+        if not os.path.basename(resume).startswith(HPC_PREFIX):
+            folder = os.path.dirname(folder)  # checkpoints/ holds all but the SLURM ones
+        return folder, resume
+    ckpt = latest_checkpoint(resume.rstrip("/"))
+    if ckpt is None:
+        raise FileNotFoundError(
+            f"-r/--resume: no {last_checkpoint(resume.rstrip('/'))}; pass the checkpoint "
+            "to resume from"
+        )
     return resume.rstrip("/"), ckpt
 
 
@@ -159,16 +180,32 @@ def run_timestamp() -> str:
     return now
 
 
+def resume_target(opt: argparse.Namespace, logroot: str) -> str:
+    """What to resume: `-r`'s argument, or with --resume_if_exists the `-p` log dir once it
+    holds a checkpoint (so that a requeued SLURM job, the same command again, goes on)."""
+    if opt.resume or not opt.resume_if_exists:
+        return opt.resume
+    if not opt.project:
+        raise SystemExit(
+            "main.py: --resume_if_exists needs -p NAME, a log dir whose name does not change "
+            "when the same command runs again"
+        )
+    project = os.path.join(logroot, opt.project)
+    return project if latest_checkpoint(project) else ""
+
+
 def make_run_dirs(opt: argparse.Namespace, now: str) -> tuple[str, str, list[str]]:
     """(log dir, checkpoint to resume from or "", config files) for this run."""
-    if opt.resume:
-        logdir, ckpt = resolve_resume(opt.resume)
+    logroot = os.path.join(opt.logdir, "debug_runs") if opt.debug else opt.logdir
+    resume = resume_target(opt, logroot)
+    if resume:
+        logdir, ckpt = resolve_resume(resume)
+        logger.info("resuming %s from %s", logdir, ckpt)
         saved = [str(path) for path in saved_configs(logdir)]
         return logdir, ckpt, saved + opt.base
     if not opt.base:
         raise SystemExit("main.py: pass at least one config with --base (or -r to resume)")
     name = opt.name or os.path.splitext(os.path.basename(opt.base[0]))[0]
-    logroot = os.path.join(opt.logdir, "debug_runs") if opt.debug else opt.logdir
     return os.path.join(logroot, opt.project or f"{now}_{name}"), "", opt.base
 
 
@@ -337,7 +374,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     if opt.compile:
         config.model.setdefault("params", {})["compile"] = True
     lightning_config = config.pop("lightning", OmegaConf.create())
-    config.seed = run_seed(opt.seed, config, resuming=bool(opt.resume))
+    config.seed = run_seed(opt.seed, config, resuming=bool(resume_ckpt))
     # The run's seed builds the model (the same weights on every rank) and orders the data;
     # RNGStateCallback then gives each rank its own stream, derived from it and the rank.
     pl.seed_everything(config.seed, workers=True)

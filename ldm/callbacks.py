@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import OmegaConf
 from PIL import Image
@@ -53,6 +55,14 @@ class SetupCallback(pl.Callback):
         super().__init__()
         self.now, self.logdir, self.ckptdir, self.cfgdir = now, logdir, ckptdir, cfgdir
         self.config, self.lightning_config = config, lightning_config
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Processes that torchrun or srun start on other nodes named a new run's log dir by
+        # their own clock: all take rank 0's (which alone writes it), as trainer.log_dir does.
+        logdir = trainer.strategy.broadcast(self.logdir)
+        if logdir != self.logdir:
+            self.logdir, self.ckptdir = logdir, os.path.join(logdir, os.path.basename(self.ckptdir))
+            trainer._default_root_dir = logdir  # Lightning has no public setter
 
     @rank_zero_only
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -199,20 +209,54 @@ class NonFiniteLossGuard(pl.Callback):
 
 
 class SaveOnInterrupt(pl.Callback):
-    """On Ctrl-C or SIGTERM, writes `last.ckpt` so that `-r` continues from here.
+    """On Ctrl-C or SIGTERM, writes `last.ckpt` so that `-r` continues from here; on SLURM
+    with auto-requeue, runs Lightning's requeue at the end of a step.
 
-    Nothing is written if the weights have gone non-finite.
+    Lightning's SIGUSR1 handler saves `hpc_ckpt_<N>.ckpt` and calls `scontrol requeue` where
+    the signal lands: mid-step, it saves the weights of one step with the RNG states and data
+    position of the next, and under DDP it enters the checkpoint's collectives while another
+    rank is in a gradient all-reduce. Here the signal only marks the requeue as due, and at
+    the end of the step in which any rank got it (the ranks agree on that each step) every
+    rank runs Lightning's handler, so the file is a step checkpoint like the others. The
+    SIGTERM that SLURM then sends writes no second copy of that step. Nothing is written if
+    the weights have gone non-finite.
     """
 
     def __init__(self, ckptdir: str):
         super().__init__()
         self.ckptdir = ckptdir
+        self.requeue, self.signum = None, None  # Lightning's requeue handler and its signal
+        self.requeue_due = False
+        self.step = 0  # the global step at the last batch end
+        self.requeued_step = -1  # the global step the requeue checkpoint holds
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.step = trainer.global_step
+        environment = trainer._accelerator_connector.cluster_environment
+        handler = getattr(trainer._signal_connector, "_slurm_sigusr_handler_fn", None)
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and handler:
+            self.requeue, self.signum = handler, environment.requeue_signal
+            signal.signal(self.signum, self.mark_requeue_due)  # Lightning restores it at the end
+
+    def mark_requeue_due(self, signum: int, frame) -> None:
+        self.requeue_due = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        stepped, self.step = trainer.global_step != self.step, trainer.global_step
+        if self.requeue is None or not stepped:  # not between accumulated batches
+            return
+        if trainer.strategy.reduce_boolean_decision(self.requeue_due, all=False):
+            self.requeue_due, self.requeued_step = False, trainer.global_step
+            self.requeue(self.signum, None)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
             return
         if not parameters_are_finite(pl_module):
             logger.warning("interrupted with non-finite weights: last.ckpt left as it was")
+            return
+        if trainer.global_step == self.requeued_step:
+            logger.info("interrupted at step %d: saved for the requeue already", self.requeued_step)
             return
         path = os.path.join(self.ckptdir, LAST_CHECKPOINT)
         trainer.save_checkpoint(path)
