@@ -34,12 +34,15 @@ from ldm.checkpoint import (
     CheckpointError,
     checkpoint_dir,
     config_dir,
+    is_checkpoint,
     last_checkpoint,
     load_weights,
+    saved_at,
     saved_configs,
 )
 from ldm.data import DataModuleFromConfig  # noqa: F401  (original configs name main.DataModuleFromConfig)
 from ldm.progress import StepProgressBar
+from ldm.strategies import make_strategy
 from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger("main")
@@ -146,15 +149,15 @@ def latest_checkpoint(logdir: str) -> str | None:
     """The newest of a run's `last.ckpt` and the `hpc_ckpt_<N>.ckpt` files that Lightning's
     SLURM requeue writes into the log dir itself (all are written whole, then renamed)."""
     found = [last_checkpoint(logdir), *Path(logdir).glob(f"{HPC_PREFIX}*.ckpt")]
-    found = [path for path in found if path.is_file()]
-    return str(max(found, key=lambda path: path.stat().st_mtime_ns)) if found else None
+    found = [path for path in found if is_checkpoint(path)]  # a file, or FSDP's sharded dir
+    return str(max(found, key=lambda path: saved_at(path))) if found else None
 
 
 def resolve_resume(resume: str) -> tuple[str, str]:
     """(log dir, checkpoint) of a `-r` argument: a log dir or a checkpoint inside one."""
     if not os.path.exists(resume):
         raise FileNotFoundError(f"-r/--resume: {resume!r} does not exist")
-    if os.path.isfile(resume):
+    if is_checkpoint(resume):
         folder = os.path.dirname(os.path.abspath(resume))
         if not os.path.basename(resume).startswith(HPC_PREFIX):
             folder = os.path.dirname(folder)  # checkpoints/ holds all but the SLURM ones
@@ -383,6 +386,10 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
         raise ConfigError("the merged config has no `data:` section to train on")
     data = instantiate_from_config(config.data)
     kwargs = trainer_kwargs(opt, lightning_config)
+    world_size = device_count(kwargs) * kwargs.get("num_nodes", 1)
+    kwargs["strategy"] = make_strategy(
+        kwargs.get("strategy"), model, world_size=world_size, options=lightning_config.get("fsdp")
+    )
     set_learning_rate(model, config, kwargs, opt.scale_lr)
     trainer = pl.Trainer(
         **kwargs,

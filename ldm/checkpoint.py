@@ -40,6 +40,8 @@ def read_state_dict(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> 
             f"{path} is a diffusers folder: its weights are converted for the model they go "
             "into (ldm.diffusers_layout.read_weights(path, model))"
         )
+    if is_sharded_checkpoint(path):
+        return read_sharded_state_dict(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
@@ -54,6 +56,45 @@ def read_state_dict(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> 
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors or a dict with 'state_dict'")
     return dict(state_dict)
+
+
+# What Lightning's FSDPStrategy(state_dict_type="sharded") writes in place of a .ckpt file: a
+# directory of torch.distributed.checkpoint shards ("model", "optimizer_0", ...) and the rest of
+# the checkpoint (step, callbacks, loops) in meta.pt.
+SHARDED_META = "meta.pt"
+SHARDED_MODEL_KEY = "model"
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a sharded checkpoint directory (FSDP's `<name>.ckpt/`)."""
+    return Path(path).is_dir() and (Path(path) / SHARDED_META).is_file()
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a checkpoint: a file, or a sharded checkpoint directory."""
+    return Path(path).is_file() or is_sharded_checkpoint(path)
+
+
+def saved_at(path: str | os.PathLike) -> int:
+    """When a checkpoint was last written (ns): its file's, or a sharded one's meta.pt's, which
+    Lightning writes after the shards."""
+    path = Path(path)
+    return (path / SHARDED_META if path.is_dir() else path).stat().st_mtime_ns
+
+
+def read_sharded_state_dict(path: str | os.PathLike) -> dict:
+    """The whole model state dict of a sharded checkpoint, read into this one process (the
+    optimizer's shards are not read). Keys are the LightningModule's: the original SD layout."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    try:  # what dcp_to_torch_save reads, the "model" entry alone, without a process group
+        state = _load_state_dict_from_keys({SHARDED_MODEL_KEY}, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as err:  # the latter is no Exception
+        raise CheckpointError(f"{path}: not a readable sharded checkpoint ({err})") from err
+    if not isinstance(state.get(SHARDED_MODEL_KEY), Mapping):
+        raise CheckpointError(f"{path}: the sharded checkpoint has no {SHARDED_MODEL_KEY!r} entry")
+    return dict(state[SHARDED_MODEL_KEY])
 
 
 # The subfolders of a diffusers pipeline that hold SD's networks (diffusers' own names).
@@ -396,7 +437,7 @@ def run_files(path: str | os.PathLike) -> tuple[list[Path], Path]:
     path = Path(path)
     if is_diffusers_folder(path):  # weights only; the caller gives the config
         return [], path
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         configs = run_configs(path)
         if not configs:
             raise CheckpointError(
