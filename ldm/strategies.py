@@ -122,7 +122,7 @@ def frozen_stages(model: nn.Module) -> list[nn.Module]:
 def check_ema(model: nn.Module) -> None:
     """Refuse an EMA under FSDP: LitEma follows whole, named parameters, and FSDP's are 1-D
     shards of each unit's flat parameter (`_fsdp_wrapped_module.` in their names) outside the
-    unit's forward. TODO(#18): update the EMA under FSDP.summon_full_params, or keep it sharded."""
+    unit's forward (an EMA under FSDP is still open in issue 18)."""
     if getattr(model, "use_ema", False):
         raise ConfigError(
             "--strategy fsdp: model.params.use_ema is true, and the EMA (LitEma) cannot follow "

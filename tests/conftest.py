@@ -90,6 +90,20 @@ def with_live_zero_layers(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+class RandomImages(torch.utils.data.Dataset):
+    """`n` seeded random 32 px images in [-1, 1], each captioned "a red circle"."""
+
+    def __init__(self, n: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 32, 32, 3, generator=g) * 2 - 1
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "caption": "a red circle"}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT, load_config
+from conftest import ROOT, RandomImages, load_config
 from torch import nn
 
 import main
@@ -32,18 +32,6 @@ def build(**params):
     config.params.update(params)
     torch.manual_seed(0)
     return instantiate_from_config(config)
-
-
-class Shapes(torch.utils.data.Dataset):
-    def __init__(self, n: int):
-        g = torch.Generator().manual_seed(1)
-        self.images = torch.rand(n, 32, 32, 3, generator=g) * 2 - 1
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "caption": "a red circle"}
 
 
 class Record(pl.Callback):
@@ -70,7 +58,7 @@ def fit(model, root, steps: int, accelerator: str = "cpu", callbacks=()) -> None
         default_root_dir=root,
         callbacks=list(callbacks),
     )
-    trainer.fit(model, torch.utils.data.DataLoader(Shapes(2 * steps), batch_size=2))
+    trainer.fit(model, torch.utils.data.DataLoader(RandomImages(2 * steps, seed=1), batch_size=2))
 
 
 def ema_state(model) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import fit_fixed_batch, load_config
+from conftest import RandomImages, fit_fixed_batch, load_config
 
 from ldm.util import instantiate_from_config
 
@@ -15,18 +15,6 @@ def build(**params):
     config = load_config("tiny/txt2img.yaml").model
     config.params.update(params)
     return instantiate_from_config(config)
-
-
-class Images(torch.utils.data.Dataset):
-    def __init__(self, n: int):
-        g = torch.Generator().manual_seed(0)
-        self.images = torch.rand(n, 32, 32, 3, generator=g) * 2 - 1
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "caption": "a red circle"}
 
 
 def fit(model, tmp_path, n_items: int = 16, **trainer_kwargs) -> pl.Trainer:
@@ -39,7 +27,7 @@ def fit(model, tmp_path, n_items: int = 16, **trainer_kwargs) -> pl.Trainer:
         default_root_dir=tmp_path,
         **trainer_kwargs,
     )
-    trainer.fit(model, torch.utils.data.DataLoader(Images(n_items), batch_size=2))
+    trainer.fit(model, torch.utils.data.DataLoader(RandomImages(n_items), batch_size=2))
     return trainer
 
 
@@ -81,7 +69,9 @@ def test_an_unconditional_latent_diffusion_model_trains_samples_and_logs_images(
     with torch.no_grad():
         latents = model.sample(None, 2, steps=3)
         assert latents.shape == (2, 4, 8, 8) and torch.isfinite(latents).all()
-        images = model.log_images({"image": Images(2).images, "caption": ["", ""]}, n=2, steps=2)
+        images = model.log_images(
+            {"image": RandomImages(2).images, "caption": ["", ""]}, n=2, steps=2
+        )
     assert images["samples"].shape == (2, 3, 32, 32)
     assert images["inputs"].shape == (2, 3, 32, 32)
 
@@ -121,7 +111,7 @@ def test_an_image_conditioned_model_encodes_its_condition_with_the_first_stage()
     state = model.state_dict()
     first = {k[len("first_stage_model.") :] for k in state if k.startswith("first_stage_model.")}
     assert first == {k[len("cond_stage_model.") :] for k in state if k.startswith("cond_stage_")}
-    images = Images(4).images
+    images = RandomImages(4).images
     batch = {"image": images, "low": images.flip(1), "caption": [""] * 4}
     model.eval()
     z, c = model.get_input(batch)
