@@ -408,6 +408,41 @@ def test_training_steps_reduce_reconstruction_loss_and_count_one_step_per_batch(
     assert after < 0.75 * before
 
 
+def test_the_critic_is_not_run_before_disc_start_and_adam_still_counts_its_steps(tmp_path):
+    model = instantiate_from_config(trainable_config())  # disc_start 10
+    critic = model.loss.discriminator
+    calls = []
+    critic.register_forward_hook(lambda *args: calls.append(model.global_step))
+    initial = copy.deepcopy(critic.state_dict())
+    images = torch.rand(4, 32, 32, 3) * 2 - 1
+    loader = torch.utils.data.DataLoader([{"image": im} for im in images], batch_size=2)
+
+    def fit(steps: int) -> None:
+        trainer = pl.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(model, loader)
+
+    fit(3)
+    assert calls == []  # nothing to learn from a loss multiplied by 0
+    for key, value in critic.state_dict().items():
+        assert torch.equal(value, initial[key]), key
+    optimizer = model.trainer.optimizers[0]
+    steps = {int(optimizer.state[p]["step"]) for p in critic.parameters()}
+    assert steps == {3}  # as a zero-weighted critic loss steps it: same Adam bias correction
+    model.loss.discriminator_iter_start = 0
+    fit(1)
+    assert len(calls) == 3  # the generator term, then the critic on the real and the fake
+    assert not torch.equal(critic.state_dict()["main.0.weight"], initial["main.0.weight"])
+
+
 def test_inference_loss_cannot_train():
     with pytest.raises(ValueError, match="LPIPSWithDiscriminator"):
         build().configure_optimizers()

@@ -124,14 +124,18 @@ class AutoencoderKL(pl.LightningModule):
 
         The generator term also reaches the discriminator's weights; those gradients are
         dropped before the critic's own loss adds its gradients, as two optimizers would.
+        Before `disc_start` neither term is computed; the critic's gradients are zeros, so
+        Adam counts its steps as it would for the loss times 0.
         """
         optimizer = self.optimizers()
         ae_loss, d_loss, logs = self.losses(batch, "train")
         optimizer.zero_grad()
         self.manual_backward(ae_loss)
+        critic_started = self.loss.gan_factor(self.global_step) > 0
         for p in self.loss.discriminator.parameters():
-            p.grad = None
-        self.manual_backward(d_loss)
+            p.grad = None if critic_started else torch.zeros_like(p)
+        if critic_started:
+            self.manual_backward(d_loss)
         optimizer.step()
         rec_loss = logs.pop("train/rec_loss")
         self.log_dict(logs, prog_bar=False, on_step=True, batch_size=len(batch[self.image_key]))

@@ -113,6 +113,10 @@ class LPIPSWithDiscriminator(nn.Module):
         inputs, reconstructions = inputs.contiguous(), reconstructions.contiguous()
         factor = self.gan_factor(global_step)
         if optimizer_idx == 1:
+            if factor == 0:  # the critic has not started: its loss is 0, so it is not run
+                return torch.zeros((), device=inputs.device), {
+                    f"{split}/disc_loss": torch.zeros(())
+                }
             logits_real = self.discriminator(inputs.detach())
             logits_fake = self.discriminator(reconstructions.detach())
             d_loss = factor * self.disc_loss(logits_real, logits_fake)
@@ -126,8 +130,9 @@ class LPIPSWithDiscriminator(nn.Module):
         batch = inputs.shape[0]
         nll_loss, weighted_nll_loss = nll.sum() / batch, weighted.sum() / batch
         kl_loss = posteriors.kl().sum() / batch
-        g_loss = -self.discriminator(reconstructions).mean()
-        d_weight = torch.zeros(())
+        g_loss, d_weight = torch.zeros((), device=inputs.device), torch.zeros(())
+        if factor > 0:
+            g_loss = -self.discriminator(reconstructions).mean()
         if factor > 0 and torch.is_grad_enabled() and last_layer is not None:
             d_weight = adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
         loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * factor * g_loss
