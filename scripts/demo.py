@@ -3,7 +3,10 @@ latents, on the synthetic shapes; write sample grids and the prompt-adherence sc
 
     python scripts/demo.py [--ae_steps 1000] [--ldm_steps 3500] [--outdir outputs/demo]
 
-Everything runs on the CPU. Runs go to --logdir (logs/), pictures and scores to --outdir:
+Everything runs on the CPU. The text-to-image run trains on latents and text embeddings
+encoded once, before it starts (configs/tiny/cached.yaml), into --logdir/demo-latent-cache;
+a later demo whose autoencoder came out the same reuses them. Runs go to --logdir (logs/),
+pictures and scores to --outdir:
 `samples.png` and `captions.txt` (the final model), `demo.json` (its scores and the minutes of
 each phase), `autoencoder_loss.png` and `txt2img_loss.png` (the runs' loss curves) and, when the
 text-to-image run saved several step checkpoints, `accuracy.png` (each checkpoint's scores
@@ -32,6 +35,7 @@ from ldm.progress import LOSS_PLOT  # noqa: E402
 from scripts import evaluate  # noqa: E402
 
 logger = logging.getLogger("demo")
+CACHE_DIR = "demo-latent-cache"  # under --logdir: the autoencoder's latents of the data set
 ACCURACY_KEYS = {"colour": "color", "shape": "shape", "background": "background", "all": "all"}
 
 
@@ -58,12 +62,12 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(config: str, name: str, steps: int, opt, *overrides: str) -> Path:
-    """Train one stage with main.py and return its log dir."""
+def run(configs: list[str], name: str, steps: int, opt, *overrides: str) -> Path:
+    """Train one stage with main.py from `configs` (merged in order); return its log dir."""
     trainer = train.main(
         [
             "--base",
-            str(ROOT / "configs" / "tiny" / config),
+            *(str(ROOT / "configs" / "tiny" / config) for config in configs),
             "-t",
             "-n",
             name,
@@ -124,15 +128,16 @@ def main(argv: list[str] | None = None) -> dict:
     opt = get_parser().parse_args(argv)
     outdir, start, phases = Path(opt.outdir), time.time(), Phases()
     outdir.mkdir(parents=True, exist_ok=True)
-    ae_dir = run("autoencoder.yaml", "demo-autoencoder", opt.ae_steps, opt)
+    ae_dir = run(["autoencoder.yaml"], "demo-autoencoder", opt.ae_steps, opt)
     phases.done("autoencoder", f"({ae_dir})")
     every = [f"lightning.modelcheckpoint.params.every_n_train_steps={opt.ckpt_every}"]
     ldm_dir = run(
-        "txt2img.yaml",
+        ["txt2img.yaml", "cached.yaml"],
         "demo-txt2img",
         opt.ldm_steps,
         opt,
         f"model.params.first_stage_config.params.ckpt_path={last_checkpoint(ae_dir)}",
+        f"lightning.callbacks.latent_cache.params.dir={Path(opt.logdir) / CACHE_DIR}",
         *(every if opt.ckpt_every else []),
     )
     phases.done("txt2img", f"({ldm_dir})")
