@@ -89,3 +89,28 @@ def test_the_bucket_benchmark_builds_a_cache_and_times_both_loops():
     small = "data.params.batch_size=4 data.params.num_workers=0"
     summary = buckets.main(f"--images 70 --shards 2 --steps 4 --warmup 1 {small}".split())
     assert summary["images_per_s"]["bucketed_cached"] > 0 and summary["cache_build_s"] > 0
+
+
+@pytest.mark.slow
+def test_the_memory_table_counts_sd15_and_shards_what_fsdp_shards():
+    from bench import memory
+
+    size = memory.sizes(lora=False)
+    # SD 1.5's published parameter counts: UNet, CLIP ViT-L/14 text tower, KL-f8 autoencoder
+    assert size["params"] | {"trainable": 0, "largest_block": 0} == {
+        "unet": 859_520_964,
+        "text_encoder": 123_060_480,
+        "autoencoder": 83_653_863,
+        "trainable": 0,
+        "largest_block": 0,
+    }
+    for activations in size["activations_per_sample_bytes"].values():
+        assert 0 < activations["checkpointing"] < activations["no_checkpointing"]
+    n = 859_520_964 / 2**30
+    ddp = memory.per_gpu(size, "ddp", gpus=8, batch=1, precision="fp32", ckpt=True)
+    fsdp = memory.per_gpu(size, "fsdp", gpus=8, batch=1, precision="fp32", ckpt=True)
+    # AdamW: weights, gradients and two moments, 4 bytes each; DDP adds buckets and the EMA
+    assert ddp["gradients"] + ddp["adamw"] == pytest.approx(12 * n, abs=0.02)
+    assert fsdp["gradients"] + fsdp["adamw"] == pytest.approx(12 * n / 8, abs=0.02)
+    assert ddp["ema"] == ddp["ddp_buckets"] == pytest.approx(4 * n, abs=0.01)
+    assert fsdp["activations"] == ddp["activations"] and fsdp["total"] < ddp["total"] / 4
