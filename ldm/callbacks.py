@@ -23,6 +23,8 @@ from torchvision.utils import make_grid
 
 from ldm.checkpoint import LAST_CHECKPOINT, config_names, load_torch_file, write_atomically
 from ldm.data.sampler import derive_seed
+from ldm.strategies import SHARDED
+from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +306,7 @@ class ImageLogger(pl.Callback):
 
     Grids go to `<logdir>/images/<split>/<name>_gs-<step>_e-<epoch>_b-<batch>.png` (the
     captions beside them in a .txt file), and to the TensorBoard or W&B logger when one is used.
+    Rank 0 samples alone, which a sharded strategy (FSDP, DeepSpeed) cannot do: refused there.
     """
 
     def __init__(
@@ -317,6 +320,14 @@ class ImageLogger(pl.Callback):
         self.batch_frequency, self.max_images = batch_frequency, max_images
         self.log_first_step = log_first_step
         self.log_images_kwargs = log_images_kwargs or {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and isinstance(trainer.strategy, SHARDED):  # not a hang at step N
+            raise ConfigError(
+                f"ImageLogger samples on rank 0 alone, which {type(trainer.strategy).__name__} "
+                "(weights sharded across ranks) cannot do: set lightning.callbacks.image_logger="
+                "null (or whichever name the config gives it), or train with --strategy ddp"
+            )
 
     def due(self, step: int) -> bool:
         return (step % self.batch_frequency == 0) and (step > 0 or self.log_first_step)

@@ -15,7 +15,12 @@ import importlib.util
 from collections.abc import Mapping
 
 import torch
-from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, StrategyRegistry
+from pytorch_lightning.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    StrategyRegistry,
+)
 from torch import nn
 
 from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential
@@ -39,6 +44,8 @@ FSDP_OPTIONS = {
     "cpu_offload": False,  # keep the sharded parameters on the host between uses
 }
 STATE_DICT_TYPES = ("full", "sharded")
+# Strategies whose forward gathers the weights from every rank: rank 0 cannot run it alone.
+SHARDED = (FSDPStrategy, DeepSpeedStrategy)
 
 
 def make_strategy(

@@ -15,11 +15,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from ldm.callbacks import log_image, to_uint8_grid
 from ldm.inference import latent_factor
 from ldm.models.diffusion import sampling
+from ldm.strategies import SHARDED
 from ldm.util import ConfigError, to_plain
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,6 @@ MIN_TILE = 128  # px: smaller samples (the tiny model's 32 px) are enlarged so l
 FONT_SIZE = 14
 LABEL_PAD = 4  # px around a label's text
 WHERE = "ValidationPrompts"
-SHARDED = (FSDPStrategy, DeepSpeedStrategy)  # their forward needs every rank: not rank 0 alone
 
 
 def start_noise(

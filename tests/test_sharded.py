@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ SMALL = [
     "data.params.batch_size=4",
     "data.params.num_workers=0",
     "lightning.trainer.limit_val_batches=1",
-    "lightning.callbacks.image_logger=null",  # it samples on rank 0 alone (see the report)
+    "lightning.callbacks.image_logger=null",  # refused under FSDP: it samples on rank 0 alone
 ]
 FSDP = ["--strategy", "fsdp", "model.params.use_ema=false"]
 FAST = [
@@ -172,6 +173,17 @@ def test_bad_strategies_and_options_are_named(tiny_model, monkeypatch):
     monkeypatch.setattr(strategies.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="pip install deepspeed"):
         strategies.make_strategy("deepspeed_stage_2", tiny_model, world_size=2)
+
+
+def test_the_image_logger_is_refused_under_fsdp_before_training_not_hung_at_its_step():
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    from ldm.callbacks import ImageLogger
+
+    logger = ImageLogger(batch_frequency=500)
+    with pytest.raises(ConfigError, match="rank 0 alone.*image_logger=null.*--strategy ddp"):
+        logger.setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
+    logger.setup(SimpleNamespace(strategy=DDPStrategy()), None, "fit")
 
 
 # ---------------------------------------------------------------- sharded checkpoints (fast)
