@@ -133,6 +133,22 @@ def channels_first(images: torch.Tensor) -> torch.Tensor:
     return rearrange(images, "b h w c -> b c h w").contiguous().float()
 
 
+def to_dtype_of(module: torch.nn.Module, value: Any) -> Any:
+    """`value` (a tensor, or a list or mapping of them) with its floating-point tensors in the
+    dtype of `module`'s weights: what a module converted whole (`--precision bf16-true`, a
+    half export) takes, from a batch's float images or the fp32 schedule's x_t."""
+    weight = next(module.parameters(), None)
+    if weight is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(weight.dtype) if value.is_floating_point() else value
+    if isinstance(value, Mapping):
+        return {k: to_dtype_of(module, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_dtype_of(module, v) for v in value]
+    return value
+
+
 def make_optimizer(config: Mapping | None, params: list, lr: float):
     """AdamW at `lr` (fused where torch has the kernel: a few times faster than the per-tensor
     default for a many-tensor UNet), or the class `config` names (`target`, `params`) at `lr`.

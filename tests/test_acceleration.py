@@ -177,3 +177,35 @@ def test_autocast_sampling_holds_the_unet_in_bf16_with_fp32_results_nearby():
         with common.precision_scope("autocast", torch.device("cpu")):
             half = model.sample(cond, 2, steps=5, x_T=x_T)
     assert (half.float() - full).norm() / full.norm() < 0.05
+
+
+def test_bf16_true_trains_samples_and_validates_through_main(tmp_path):
+    """--precision bf16-true: weights in bfloat16; the batch's float images, the fp32 schedule's
+    x_t and the conditioning reach each stage in its own dtype."""
+    trainer = main.main(
+        [
+            "--base",
+            str(ROOT / "configs/tiny/txt2img.yaml"),
+            "-t",
+            "--no-test",
+            "--precision",
+            "bf16-true",
+            "-l",
+            str(tmp_path),
+            "--max_steps",
+            "2",
+            "data.params.batch_size=2",
+            "data.params.num_workers=0",
+            "lightning.trainer.limit_val_batches=1",
+            "lightning.trainer.val_check_interval=2",
+            "lightning.callbacks.image_logger.params.batch_frequency=2",
+        ]
+    )
+    model = trainer.lightning_module
+    assert (
+        trainer.global_step == 2
+        and model.model.diffusion_model.out[2].weight.dtype == torch.bfloat16
+    )
+    assert torch.isfinite(trainer.callback_metrics["val/loss_simple_ema"])
+    (logdir,) = tmp_path.iterdir()
+    assert list((logdir / "images" / "train").glob("samples_cfg*_gs-000002_*.png"))

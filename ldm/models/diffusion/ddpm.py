@@ -41,6 +41,7 @@ from ldm.util import (
     channels_first,
     instantiate_from_config,
     make_optimizer,
+    to_dtype_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -307,7 +308,8 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         if cond is not None and not isinstance(cond, Mapping):
             key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
             cond = {key: cond if isinstance(cond, list) else [cond]}
-        return self.model(x_t, t, **(cond or {}))
+        x_t, cond = to_dtype_of(self.model, x_t), to_dtype_of(self.model, cond or {})
+        return self.model(x_t, t, **cond)
 
     def p_losses(self, x0, cond, t, noise=None, prefix=None, weights=None, mask=None) -> tuple:
         """The training loss at timesteps t (`DiffusionLoss`) and the values to log; `weights`

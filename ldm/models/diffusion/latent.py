@@ -27,7 +27,7 @@ from ldm.models.diffusion.conditioning import (
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.lora import LoRANetwork
-from ldm.util import ConfigError, batch_item, instantiate_from_config, to_plain
+from ldm.util import ConfigError, batch_item, instantiate_from_config, to_dtype_of, to_plain
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class LatentDiffusion(DDPM):
 
     def encode_first_stage(self, x: torch.Tensor):
         """Images (B, 3, H, W) to the first stage's posterior over latents."""
-        return self.first_stage_model.encode(x)
+        return self.first_stage_model.encode(to_dtype_of(self.first_stage_model, x))
 
     def get_first_stage_encoding(self, posterior) -> torch.Tensor:
         """A latent sample, scaled by scale_factor to roughly unit variance."""
@@ -183,7 +183,9 @@ class LatentDiffusion(DDPM):
 
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, h, w) back to images (B, 3, 8h, 8w)."""
-        return self.first_stage_model.decode(z / self.scale_factor)
+        return self.first_stage_model.decode(
+            to_dtype_of(self.first_stage_model, z / self.scale_factor)
+        )
 
     def first_stage_posterior(self, batch: Mapping, key: str | None = None):
         """The posterior over the batch's latents: encoded, or read from a latent cache."""

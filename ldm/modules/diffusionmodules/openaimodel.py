@@ -19,7 +19,7 @@ from ldm.modules.diffusionmodules.util import (
     timestep_embedding,
     zero_module,
 )
-from ldm.util import reject_unsupported
+from ldm.util import reject_unsupported, to_dtype_of
 
 COMPAT_PARAMS = {
     "image_size": "unused by the original too; the UNet is fully convolutional",
@@ -375,9 +375,10 @@ class UNetModel(nn.Module):
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self._check_y(y, x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))  # (B, 4 mc)
+        t_emb = to_dtype_of(self.time_embed, timestep_embedding(timesteps, self.model_channels))
+        emb = self.time_embed(t_emb)  # (B, 4 mc)
         if self.label_emb is not None:
-            emb = emb + self.label_emb(y)  # (B, 4 mc)
+            emb = emb + self.label_emb(to_dtype_of(self.label_emb, y))  # (B, 4 mc)
         skips, h = [], x  # x: (B, C_in, H, W)
         for block in self.input_blocks:
             h = block(h, emb, context)  # (B, mc * mult, H / 2^level, W / 2^level)
