@@ -80,10 +80,6 @@ def build(lora: bool, checkpointing: bool) -> torch.nn.Module:
         return instantiate_from_config(config)
 
 
-def cast(x, dtype: torch.dtype):
-    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-
-
 def saved_bytes(model, batch: int, dtype: torch.dtype) -> tuple[int, int]:
     """(bytes autograd saves in one training forward, the most any one UNet block saves)."""
     params = {id(p) for p in model.parameters()}
@@ -115,10 +111,6 @@ def saved_bytes(model, batch: int, dtype: torch.dtype) -> tuple[int, int]:
         )
         t = torch.randint(0, 1000, (batch,))
     model.to(dtype)  # activations in `dtype`
-    unet = model.model.diffusion_model  # the schedule stays fp32, so its x_t is cast here
-    hooks.append(
-        unet.register_forward_pre_hook(lambda _, args: tuple(cast(a, dtype) for a in args))
-    )
     with flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.p_losses(x0, cond, t)
     model.to(torch.float32)
