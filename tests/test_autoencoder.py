@@ -378,6 +378,22 @@ def test_unimplemented_colorize_nlabels_is_refused():
         build(colorize_nlabels=3)
 
 
+def fit(model, loader, steps: int, root) -> pl.Trainer:
+    """`steps` training steps on the CPU, without logs, checkpoints or validation."""
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
+    trainer.fit(model, loader)
+    return trainer
+
+
 def trainable_config():
     config = load_config("tiny/autoencoder.yaml").model
     config.params.lossconfig.params.disc_start = 10
@@ -392,17 +408,7 @@ def test_training_steps_reduce_reconstruction_loss_and_count_one_step_per_batch(
     loader = torch.utils.data.DataLoader([{"image": im} for im in batch_images], batch_size=8)
     with torch.no_grad():
         before = model.losses({"image": batch_images}, "val")[2]["val/rec_loss"]
-    trainer = pl.Trainer(
-        max_steps=30,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(model, loader)
-    assert trainer.global_step == 30
+    assert fit(model, loader, 30, tmp_path).global_step == 30
     with torch.no_grad():
         after = model.losses({"image": batch_images}, "val")[2]["val/rec_loss"]
     assert after < 0.75 * before
@@ -417,20 +423,7 @@ def test_the_critic_is_not_run_before_disc_start_and_adam_still_counts_its_steps
     images = torch.rand(4, 32, 32, 3) * 2 - 1
     loader = torch.utils.data.DataLoader([{"image": im} for im in images], batch_size=2)
 
-    def fit(steps: int) -> None:
-        trainer = pl.Trainer(
-            max_steps=steps,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            default_root_dir=tmp_path,
-        )
-        trainer.fit(model, loader)
-
-    fit(3)
+    fit(model, loader, 3, tmp_path)
     assert calls == []  # nothing to learn from a loss multiplied by 0
     for key, value in critic.state_dict().items():
         assert torch.equal(value, initial[key]), key
@@ -438,7 +431,7 @@ def test_the_critic_is_not_run_before_disc_start_and_adam_still_counts_its_steps
     steps = {int(optimizer.state[p]["step"]) for p in critic.parameters()}
     assert steps == {3}  # as a zero-weighted critic loss steps it: same Adam bias correction
     model.loss.discriminator_iter_start = 0
-    fit(1)
+    fit(model, loader, 1, tmp_path)
     assert len(calls) == 3  # the generator term, then the critic on the real and the fake
     assert not torch.equal(critic.state_dict()["main.0.weight"], initial["main.0.weight"])
 
