@@ -23,8 +23,7 @@ from torchvision.utils import make_grid
 
 from ldm.checkpoint import LAST_CHECKPOINT, config_names, load_torch_file, write_atomically
 from ldm.data.sampler import derive_seed
-from ldm.strategies import SHARDED
-from ldm.util import ConfigError
+from ldm.strategies import refuse_rank_zero_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -322,12 +321,9 @@ class ImageLogger(pl.Callback):
         self.log_images_kwargs = log_images_kwargs or {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and isinstance(trainer.strategy, SHARDED):  # not a hang at step N
-            raise ConfigError(
-                f"ImageLogger samples on rank 0 alone, which {type(trainer.strategy).__name__} "
-                "(weights sharded across ranks) cannot do: set lightning.callbacks.image_logger="
-                "null (or whichever name the config gives it), or train with --strategy ddp"
-            )
+        if stage == "fit":
+            leave_out = "set lightning.callbacks.image_logger=null (or its name there), or "
+            refuse_rank_zero_sampling(trainer.strategy, "ImageLogger", leave_out)
 
     def due(self, step: int) -> bool:
         return (step % self.batch_frequency == 0) and (step > 0 or self.log_first_step)

@@ -48,6 +48,16 @@ STATE_DICT_TYPES = ("full", "sharded")
 SHARDED = (FSDPStrategy, DeepSpeedStrategy)
 
 
+def refuse_rank_zero_sampling(strategy: object, who: str, leave_out: str = "") -> None:
+    """Before training, refuse a callback that samples on rank 0 alone under a SHARDED
+    strategy (rank 0 would wait for the other ranks' shards at its first grid)."""
+    if isinstance(strategy, SHARDED):
+        raise ConfigError(
+            f"{who} samples on rank 0 alone, which {type(strategy).__name__} (weights sharded "
+            f"across ranks) cannot do: {leave_out}train with --strategy ddp"
+        )
+
+
 def make_strategy(
     name: str | None, model: nn.Module, *, world_size: int, options: Mapping | None = None
 ) -> object:

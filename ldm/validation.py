@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ldm.callbacks import log_image, to_uint8_grid
 from ldm.inference import latent_factor
 from ldm.models.diffusion import sampling
-from ldm.strategies import SHARDED
+from ldm.strategies import refuse_rank_zero_sampling
 from ldm.util import ConfigError, to_plain
 
 logger = logging.getLogger(__name__)
@@ -158,11 +158,7 @@ class ValidationPrompts(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, SHARDED):  # before training, as a bad config
-            raise ConfigError(
-                f"{WHERE} samples on rank 0 alone, which {type(trainer.strategy).__name__} "
-                "(weights sharded across ranks) cannot do: train with --strategy ddp"
-            )
+        refuse_rank_zero_sampling(trainer.strategy, WHERE)  # before training, as a bad config
         self.shapes = [self.latent_shape(pl_module, size) for size in self.sizes]
 
     @property
