@@ -48,7 +48,8 @@ LATENT, CONTEXT = (4, 64, 64), (77, 768)  # 512 px through the f = 8 autoencoder
 
 
 class FlashAttention(torch.autograd.Function):
-    """scaled_dot_product_attention that saves what a flash kernel keeps for backward."""
+    """scaled_dot_product_attention that saves what a flash kernel keeps for backward (the
+    meta trace only counts what forward saves, so it has no backward)."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -56,10 +57,6 @@ class FlashAttention(torch.autograd.Function):
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
-
-    @staticmethod
-    def backward(ctx, grad):  # never run: the meta trace only counts what forward saves
-        raise NotImplementedError
 
 
 @contextmanager
@@ -130,10 +127,11 @@ def sizes(lora: bool) -> dict:
         "trainable": sum(p.numel() for p in trainable),
         "largest_block": max(sum(p.numel() for p in b.parameters()) for b in blocks),
     }
+    checkpointing = build(lora, checkpointing=True)
     per_sample = {}
     for name, dtype in (("fp32", torch.float32), ("16-bit", torch.bfloat16)):
         full, block = saved_bytes(model, 1, dtype)
-        checkpointed, _ = saved_bytes(build(lora, checkpointing=True), 1, dtype)
+        checkpointed, _ = saved_bytes(checkpointing, 1, dtype)
         per_sample[name] = {"no_checkpointing": full, "checkpointing": checkpointed + block}
     return {"params": n, "activations_per_sample_bytes": per_sample}
 

@@ -133,8 +133,8 @@ class LPIPSWithDiscriminator(nn.Module):
         g_loss, d_weight = torch.zeros((), device=inputs.device), torch.zeros(())
         if factor > 0:
             g_loss = -self.discriminator(reconstructions).mean()
-        if factor > 0 and torch.is_grad_enabled() and last_layer is not None:
-            d_weight = adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
+            if torch.is_grad_enabled() and last_layer is not None:
+                d_weight = adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
         loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * factor * g_loss
         return loss, {
             f"{split}/total_loss": loss.detach(),
