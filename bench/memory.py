@@ -20,7 +20,8 @@ inputs; autocast keeps the norms' inputs in fp32, so a mixed run lies between th
 - FSDP (FULL_SHARD over --gpus): the UNet's weights and the gradients and AdamW state divided by
   the GPU count, plus the largest UNet block gathered whole; the text encoder and autoencoder
   stay whole (ldm's FSDP leaves frozen stages out of the sharding; the LoRA adapters of the
-  text encoder are counted with it); no EMA (refused under FSDP for now).
+  text encoder are counted with it); with or without the EMA, which FSDP keeps in pieces like
+  the weights (ldm.sharded_ema; refused for LoRA adapters under FSDP).
 """
 
 from __future__ import annotations
@@ -137,18 +138,19 @@ def sizes(lora: bool) -> dict:
 
 
 def per_gpu(size: dict, layout: str, gpus: int, batch: int, precision: str, ckpt: bool) -> dict:
-    """GiB per GPU of each part, for one layout (ddp, ddp_cpu_ema, fsdp)."""
+    """GiB per GPU of each part, for one layout (ddp, ddp_cpu_ema, fsdp, fsdp_ema)."""
     n = size["params"]
     trainable, whole = n["trainable"], n["text_encoder"] + n["autoencoder"]
-    shard = gpus if layout == "fsdp" else 1  # FSDP shards the UNet, frozen (LoRA) or not
+    sharded = layout.startswith("fsdp")
+    shard = gpus if sharded else 1  # FSDP shards the UNet, frozen (LoRA) or not
     activations = size["activations_per_sample_bytes"][precision]
     parts = {
         "weights": 4 * (n["unet"] / shard + whole),
-        "gathered_block": 4 * n["largest_block"] if layout == "fsdp" else 0,
+        "gathered_block": 4 * n["largest_block"] if sharded else 0,
         "gradients": 4 * trainable / shard,
-        "ddp_buckets": 4 * trainable if layout != "fsdp" else 0,
+        "ddp_buckets": 0 if sharded else 4 * trainable,
         "adamw": 8 * trainable / shard,
-        "ema": 4 * trainable if layout == "ddp" else 0,
+        "ema": 4 * trainable / shard if layout in ("ddp", "fsdp_ema") else 0,
         "activations": batch * activations["checkpointing" if ckpt else "no_checkpointing"],
     }
     parts = {k: round(v / GIB, 2) for k, v in parts.items()}
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for mode, lora in (("full", False), ("lora", True)):
         size = emit({"mode": mode, **sizes(lora)})
-        for layout in ("ddp", "ddp_cpu_ema", "fsdp"):
+        layouts = ("ddp", "ddp_cpu_ema", "fsdp", *(() if lora else ("fsdp_ema",)))
+        for layout in layouts:
             for precision in ("16-bit", "fp32"):
                 for ckpt in (True, False):
                     for batch in opt.batch:

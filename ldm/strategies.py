@@ -4,15 +4,18 @@ training through Lightning's FSDP (or DeepSpeed ZeRO-2), wrapped at the UNet's b
 FSDP (Zhao et al. 2023, "PyTorch FSDP") shards each wrapped unit's parameters, gradients and
 optimizer state across ranks and gathers a unit's weights only while it runs. Our units are the
 UNet's blocks (`input_blocks.i`, `middle_block`, `output_blocks.i`: a ResBlock with its
-SpatialTransformer and resampler); the frozen first stage (and text encoder) stay whole on every
+SpatialTransformer and resampler) and the UNet's rest (`model`: time embedding and output
+layers, around the blocks); the frozen first stage (and text encoder) stay whole on every
 rank, outside the sharding (`ignored_modules`): they have no gradients or optimizer state to
-shard, and gathering them every step would only cost bandwidth.
+shard, and gathering them every step would only cost bandwidth. The EMA is kept in pieces like
+the weights it follows (`ldm.sharded_ema`), whole only in checkpoints.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from pytorch_lightning.strategies import (
@@ -23,6 +26,8 @@ from pytorch_lightning.strategies import (
 )
 from torch import nn
 
+from ldm import sharded_ema
+from ldm.models.diffusion.conditioning import DiffusionWrapper
 from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential
 from ldm.util import ConfigError
 
@@ -30,6 +35,10 @@ from ldm.util import ConfigError
 # SpatialTransformers themselves: TimestepEmbedSequential hands each its inputs by isinstance,
 # which a wrapper (FSDP's or the checkpoint's) around them would no longer pass.
 UNET_BLOCKS = {TimestepEmbedSequential}
+# The FSDP units: those blocks, and the UNet's rest (time embedding, out) in the wrapper's unit,
+# so that nothing the EMA follows is the root's: Lightning runs validation_step inside the root's
+# forward, where the root's own parameters are gathered and the EMA's pieces could not swap in.
+FSDP_UNITS = {*UNET_BLOCKS, DiffusionWrapper}
 FROZEN_STAGES = ("first_stage_model", "cond_stage_model")  # kept whole, outside the sharding
 # DDP names, with their DistributedDataParallel arguments. None broadcasts buffers before each
 # forward: the schedule's are constant, and the EMA's (a whole UNet) follow weights that are
@@ -113,7 +122,7 @@ def fsdp_strategy(model: nn.Module, options: dict) -> FSDPStrategy:
     precision (Lightning's FSDPPrecision casts the sharded parameters and gradients)."""
     check_ema(model)
     return UNetFSDPStrategy(
-        auto_wrap_policy=UNET_BLOCKS,
+        auto_wrap_policy=FSDP_UNITS,
         activation_checkpointing_policy=UNET_BLOCKS
         if options["activation_checkpointing"]
         else None,
@@ -137,15 +146,14 @@ def frozen_stages(model: nn.Module) -> list[nn.Module]:
 
 
 def check_ema(model: nn.Module) -> None:
-    """Refuse an EMA under FSDP: LitEma follows whole, named parameters, and FSDP's are 1-D
-    shards of each unit's flat parameter (`_fsdp_wrapped_module.` in their names) outside the
-    unit's forward (an EMA under FSDP is still open in issue 18)."""
-    if getattr(model, "use_ema", False):
+    """Refuse an EMA of LoRA adapters under FSDP: the adapters are the root unit's parameters
+    (the UNet's blocks call them from forward hooks), gathered whole while Lightning runs
+    validation_step in the root's forward, so the EMA's pieces cannot be swapped in there."""
+    if getattr(model, "use_ema", False) and getattr(model, "lora", None) is not None:
         raise ConfigError(
-            "--strategy fsdp: model.params.use_ema is true, and the EMA (LitEma) cannot follow "
-            "FSDP's sharded parameters yet; set model.params.use_ema=false (ema_device and "
-            "ema_update_every do not help), or train with --strategy ddp or deepspeed_stage_2, "
-            "which keep every parameter whole on each rank"
+            "--strategy fsdp: model.params.use_ema with lora_config is not supported (the "
+            "adapters' EMA cannot follow FSDP's root unit); train LoRA with --strategy ddp "
+            "(adapters are small: sharding them saves little), or set model.params.use_ema=false"
         )
 
 
@@ -162,13 +170,22 @@ def check_deepspeed(name: str) -> None:
 
 class UNetFSDPStrategy(FSDPStrategy):
     """FSDPStrategy that puts the ignored (frozen) modules on the device, which FSDP leaves
-    where they are, and that also runs on CPU processes (gloo), as torch's FSDP does: Lightning
+    where they are, that keeps the EMA in pieces like the weights (whole in its checkpoints, as
+    under DDP), and that also runs on CPU processes (gloo), as torch's FSDP does: Lightning
     passes it `device_id=root_device.index`, None on the CPU, which FSDP reads as "find an
     accelerator". On the CPU it is for tests and debugging, not for speed."""
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         for module in self.kwargs.get("ignored_modules", ()):
             module.to(self.root_device)
+        ema = model.model_ema if getattr(model, "use_ema", False) else None
+        whole = ema.release_shadows() if ema is not None else None  # not onto the device
+        wrapped = self._wrap(model)
+        if ema is not None:
+            sharded_ema.scatter(wrapped, ema, model.ema_target(), whole)
+        return wrapped
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
         if self.root_device.type != "cpu":
             return super()._setup_model(model)
         from lightning_fabric.strategies.fsdp import _setup_activation_checkpointing
@@ -184,3 +201,29 @@ class UNetFSDPStrategy(FSDPStrategy):
         )
         _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model
+
+    def ema(self) -> tuple | None:
+        """(LitEma, the module it follows) when the model keeps an EMA, else None."""
+        module = self.lightning_module
+        if not getattr(module, "use_ema", False):
+            return None
+        return module.model_ema, module.ema_target()
+
+    def lightning_module_state_dict(self) -> dict:
+        """FSDP's state dict, with the EMA's whole shadow weights (`model_ema.*`) gathered in."""
+        state = super().lightning_module_state_dict()
+        if self.ema() is not None:
+            rank0_only = self._state_dict_type == "full" and self.world_size > 1
+            state.update(sharded_ema.gather(self.model, *self.ema(), rank0_only=rank0_only))
+        return state
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Lightning's FSDP loading, then this rank's pieces of the checkpoint's EMA: from the
+        file's `model_ema.*` (held back by LitEma while loading) or the sharded directory's."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        if self.ema() is not None:
+            ema, target = self.ema()
+            path = Path(self.broadcast(checkpoint_path))
+            whole = sharded_ema.read_sharded_shadows(path, ema) if path.is_dir() else ema.pending
+            sharded_ema.scatter(self.model, ema, target, whole)
+        return checkpoint

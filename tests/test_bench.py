@@ -114,3 +114,5 @@ def test_the_memory_table_counts_sd15_and_shards_what_fsdp_shards():
     assert fsdp["gradients"] + fsdp["adamw"] == pytest.approx(12 * n / 8, abs=0.02)
     assert ddp["ema"] == ddp["ddp_buckets"] == pytest.approx(4 * n, abs=0.01)
     assert fsdp["activations"] == ddp["activations"] and fsdp["total"] < ddp["total"] / 4
+    fsdp_ema = memory.per_gpu(size, "fsdp_ema", gpus=8, batch=1, precision="fp32", ckpt=True)
+    assert fsdp["ema"] == 0 and fsdp_ema["ema"] == pytest.approx(4 * n / 8, abs=0.01)

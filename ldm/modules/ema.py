@@ -5,6 +5,8 @@ in SD checkpoints; the rule is `ldm.checkpoint.ema_buffer_name`), next to `decay
 `num_updates`. On the weights' device they are buffers, as in the original. Kept on the CPU
 (`device="cpu"`) they are plain tensors instead: `.to()`, `.half()` and DDP's buffer broadcast
 do not see them, and only `state_dict` / `load_state_dict` carry them, under the same keys.
+Under FSDP each rank keeps only its pieces of the shadow weights (`adopt_pieces`, by
+`ldm.sharded_ema`), and a checkpoint's whole ones wait in `pending` to be cut into pieces.
 """
 
 from __future__ import annotations
@@ -18,6 +20,22 @@ from torch import nn
 
 from ldm.checkpoint import ema_buffer_name
 from ldm.util import ConfigError
+
+# What FSDP and activation checkpointing insert into parameter names; the EMA's names are the
+# module's own.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as the unwrapped module calls it."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{name as the unwrapped model calls it: parameter} of `model`, wrapped or not."""
+    return {unwrapped_name(name): p for name, p in model.named_parameters()}
 
 
 def ema_options(ema_device: str | None, ema_update_every: int) -> dict:
@@ -67,6 +85,8 @@ class LitEma(nn.Module):
                 self.m_name2s_name[name] = ema_buffer_name(name)
                 self.keep(self.m_name2s_name[name], p.detach())
         self.collected_params: list[torch.Tensor] = []
+        self.pieces: dict[str, torch.Tensor] | None = None  # under FSDP: this rank's pieces
+        self.pending: dict[str, torch.Tensor] = {}  # whole shadows loaded, not yet in pieces
 
     def keep(self, name: str, value: torch.Tensor) -> None:
         """A copy of `value` as the buffer `name`, or as a plain tensor on offload_device (one on
@@ -79,8 +99,27 @@ class LitEma(nn.Module):
         setattr(self, name, value)  # a plain attribute (no buffer): `.to()` leaves it alone
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """{state-dict name: tensor}: decay, num_updates and the shadow weights."""
-        return self.offloaded if self.offload_device is not None else dict(self.named_buffers())
+        """{state-dict name: tensor}: decay, num_updates and the shadow weights (this rank's
+        pieces of them under FSDP)."""
+        kept = self.offloaded if self.offload_device is not None else dict(self.named_buffers())
+        return kept if self.pieces is None else {**kept, **self.pieces}
+
+    def release_shadows(self) -> dict[str, torch.Tensor]:
+        """Take the whole shadow weights out ({name: tensor}), leaving decay and num_updates:
+        before FSDP wraps the model, whose pieces `adopt_pieces` then takes."""
+        shadows = {name: getattr(self, name) for name in self.m_name2s_name.values()}
+        for name in shadows:
+            self.offloaded.pop(name, None)
+            delattr(self, name)
+        self.pieces = {}
+        return shadows
+
+    def adopt_pieces(self, pieces: dict[str, torch.Tensor]) -> None:
+        """This rank's pieces of the shadow weights, {name: 1-D tensor}, shaped as FSDP's local
+        views of the parameters (on offload_device if set)."""
+        device = self.offload_device
+        self.pieces = {n: p if device is None else p.to(device) for n, p in pieces.items()}
+        self.pending = {}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -90,7 +129,14 @@ class LitEma(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        """Copy into the offloaded tensors in place: they stay on their device, in their dtype."""
+        """Copy into the offloaded tensors in place: they stay on their device, in their dtype.
+        Under FSDP the whole shadow weights wait in `pending` (`ldm.sharded_ema` cuts them)."""
+        if self.pieces is not None:
+            state_dict = dict(state_dict)
+            for name in self.m_name2s_name.values():
+                if prefix + name in state_dict:
+                    # .to: Lightning's lazily loaded tensors have no .detach or .clone
+                    self.pending[name] = state_dict.pop(prefix + name).to("cpu", copy=True)
         for name, value in self.offloaded.items():
             key = prefix + name
             if key not in state_dict:
@@ -112,7 +158,7 @@ class LitEma(nn.Module):
 
     def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         tensors = self.tensors()
-        params = dict(model.named_parameters())
+        params = named_parameters(model)
         names = list(self.m_name2s_name)
         return [params[n] for n in names], [tensors[self.m_name2s_name[n]] for n in names]
 
