@@ -88,7 +88,10 @@ def test_the_bucket_benchmark_builds_a_cache_and_times_both_loops():
 
     small = "data.params.batch_size=4 data.params.num_workers=0"
     summary = buckets.main(f"--images 70 --shards 2 --steps 4 --warmup 1 {small}".split())
-    assert summary["images_per_s"]["bucketed_cached"] > 0 and summary["cache_build_s"] > 0
+    # cache_build_s is the difference of two runs' start-up times: for 70 images it is within
+    # the machine's noise (CI once measured -0.5 s), so only its presence is checked here
+    assert summary["images_per_s"]["bucketed_cached"] > 0
+    assert isinstance(summary["cache_build_s"], float)
 
 
 @pytest.mark.slow
