@@ -1,6 +1,7 @@
-"""The cross-attention UNet of Stable Diffusion v1/v2, with the original module names.
+"""The cross-attention UNet of Stable Diffusion v1/v2 and SDXL, with the original module names.
 
-Ronneberger et al. 2015 (U-Net); Dhariwal & Nichol 2021 (ADM blocks); Rombach et al. 2022 (LDM).
+Ronneberger et al. 2015 (U-Net); Dhariwal & Nichol 2021 (ADM blocks); Rombach et al. 2022 (LDM);
+Podell et al. 2023 (SDXL: per-level transformer depth, size and crop vectors through label_emb).
 The order in which blocks are appended fixes the `input_blocks.{i}.{j}` checkpoint indices.
 """
 
@@ -25,7 +26,11 @@ COMPAT_PARAMS = {
     "image_size": "unused by the original too; the UNet is fully convolutional",
     "use_fp16": "the original only cast inputs and relied on autocast; precision is chosen by "
     "the Trainer's `precision` or the sampler's autocast",
+    "spatial_transformer_attn_type": "generative-models' choice of softmax kernel ('softmax' or "
+    "'softmax-xformers', the same attention); scaled_dot_product_attention picks the kernel here",
 }
+# The attention kernels generative-models names; both are plain softmax attention.
+ATTN_TYPES = frozenset({"softmax", "softmax-xformers"})
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -159,6 +164,45 @@ def check_disable_self_attentions(disable: list[bool], channel_mult: list[int]) 
         )
 
 
+def per_level(name: str, value: int | list[int], levels: int) -> list[int]:
+    """One int per channel_mult level: an int for all of them, or a list of `levels` ints."""
+    values = [value] * levels if isinstance(value, int) else list(value)
+    if len(values) != levels or not all(isinstance(v, int) and v >= 0 for v in values):
+        raise ValueError(
+            f"UNetModel: {name} must be an int or a list of {levels} ints (one per channel_mult "
+            f"level), got {value!r}"
+        )
+    return values
+
+
+def one_context_dim(context_dim: int | list[int] | None) -> int | None:
+    """The cross-attention width: an int, or generative-models' per-block list (the SDXL
+    refiner's [1280, 1280, 1280, 1280]), whose entries must agree, as there."""
+    if context_dim is None or isinstance(context_dim, int):
+        return context_dim
+    dims = set(context_dim)
+    if len(dims) != 1:
+        raise ValueError(
+            f"UNetModel: a context_dim list must repeat one width (every transformer block "
+            f"attends to the same context), got {list(context_dim)!r}"
+        )
+    return dims.pop()
+
+
+def check_attention_blocks(counts: list[int] | None, num_res_blocks: list[int]) -> None:
+    """Raise unless num_attention_blocks has, per level, at most that level's res blocks."""
+    if counts is None:
+        return
+    if len(counts) != len(num_res_blocks) or any(
+        not isinstance(n, int) or not 0 <= n <= most
+        for n, most in zip(counts, num_res_blocks, strict=True)
+    ):
+        raise ValueError(
+            f"UNetModel: num_attention_blocks needs one int per level, each at most that "
+            f"level's num_res_blocks {num_res_blocks}; got {list(counts)!r}"
+        )
+
+
 def make_label_emb(
     num_classes: int | str | None, adm_in_channels: int | None, emb_dim: int
 ) -> nn.Module | None:
@@ -195,11 +239,10 @@ class UNetModel(nn.Module):
 
     def __init__(
         self,
-        image_size: int | None,
         in_channels: int,
         model_channels: int,
         out_channels: int,
-        num_res_blocks: int,
+        num_res_blocks: int | list[int],
         attention_resolutions: list[int],
         dropout: float = 0.0,
         channel_mult: list[int] = (1, 2, 4, 8),
@@ -214,9 +257,9 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
-        use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
-        context_dim: int | None = None,
+        use_spatial_transformer: bool | None = None,
+        transformer_depth: int | list[int] = 1,
+        context_dim: int | list[int] | None = None,
         n_embed: int | None = None,
         legacy: bool = True,
         disable_self_attentions: list[bool] | None = None,
@@ -224,7 +267,15 @@ class UNetModel(nn.Module):
         disable_middle_self_attn: bool = False,
         use_linear_in_transformer: bool = False,
         adm_in_channels: int | None = None,
+        transformer_depth_middle: int | None = None,
+        spatial_transformer_attn_type: str = "softmax",
+        image_size: int | None = None,
     ):
+        """SD's and generative-models' params. Beyond SD's: `num_res_blocks` and
+        `transformer_depth` may be per-level lists, `transformer_depth_middle` defaults to the
+        last level's depth, `num_attention_blocks` caps the attention blocks of each level, and
+        `use_spatial_transformer` defaults to whether a context_dim is given (generative-models
+        dropped the flag and always cross-attends)."""
         super().__init__()
         reject_unsupported(
             "UNetModel",
@@ -233,15 +284,22 @@ class UNetModel(nn.Module):
                 "dims": (dims, 2),
                 "resblock_updown": (resblock_updown, False),
                 "n_embed": (n_embed, None),
-                "num_attention_blocks": (num_attention_blocks, None),
+                "spatial_transformer_attn_type": (spatial_transformer_attn_type, ATTN_TYPES),
             },
         )
+        context_dim = one_context_dim(context_dim)
+        if use_spatial_transformer is None:
+            use_spatial_transformer = context_dim is not None
         check_attention_params(use_spatial_transformer, context_dim, num_heads, num_head_channels)
+        levels = len(channel_mult)
         self.model_channels = model_channels
-        self.num_res_blocks = num_res_blocks
+        self.num_res_blocks = per_level("num_res_blocks", num_res_blocks, levels)
+        self.transformer_depth = per_level("transformer_depth", transformer_depth, levels)
+        check_attention_blocks(num_attention_blocks, self.num_res_blocks)
+        self.num_attention_blocks = num_attention_blocks
         self.channel_mult = list(channel_mult)
         self.attention_resolutions = set(attention_resolutions)
-        self.disable_self_attentions = disable_self_attentions or [False] * len(channel_mult)
+        self.disable_self_attentions = disable_self_attentions or [False] * levels
         check_disable_self_attentions(self.disable_self_attentions, channel_mult)
         self.num_classes, self.adm_in_channels = num_classes, adm_in_channels
         self.block_kwargs = dict(dropout=dropout, use_checkpoint=use_checkpoint)
@@ -249,7 +307,6 @@ class UNetModel(nn.Module):
         self.attn_kwargs = dict(
             num_heads=num_heads,
             num_head_channels=num_head_channels,
-            depth=transformer_depth,
             context_dim=context_dim,
             use_linear=use_linear_in_transformer,
             spatial=use_spatial_transformer,
@@ -266,7 +323,12 @@ class UNetModel(nn.Module):
         self.label_emb = make_label_emb(num_classes, adm_in_channels, time_embed_dim)
         self.input_blocks, skip_channels = self._make_input_blocks(in_channels, time_embed_dim)
         ch = model_channels * self.channel_mult[-1]
-        self.middle_block = self._make_middle_block(ch, time_embed_dim, disable_middle_self_attn)
+        middle_depth = self.transformer_depth[-1]
+        if transformer_depth_middle is not None:
+            middle_depth = per_level("transformer_depth_middle", transformer_depth_middle, 1)[0]
+        self.middle_block = self._make_middle_block(
+            ch, time_embed_dim, disable_middle_self_attn, middle_depth
+        )
         self.output_blocks = self._make_output_blocks(skip_channels, time_embed_dim)
         self.out = nn.Sequential(
             normalization(model_channels),
@@ -279,8 +341,10 @@ class UNetModel(nn.Module):
             ch, emb_dim, out_channels=out_ch, **self.block_kwargs, **self.resblock_kwargs
         )
 
-    def _attention(self, ch: int, disable_self_attn: bool, decoder: bool = False) -> nn.Module:
-        """A SpatialTransformer (cross-attention) or, without one, a self-attention block."""
+    def _attention(
+        self, ch: int, disable_self_attn: bool, depth: int, decoder: bool = False
+    ) -> nn.Module:
+        """A SpatialTransformer of `depth` blocks (cross-attention) or a self-attention block."""
         kw = self.attn_kwargs
         heads = kw["num_heads"] if kw["num_head_channels"] == -1 else ch // kw["num_head_channels"]
         if not kw["spatial"]:
@@ -293,7 +357,7 @@ class UNetModel(nn.Module):
             ch,
             heads,
             ch // heads,
-            depth=kw["depth"],
+            depth=depth,
             dropout=self.block_kwargs["dropout"],
             context_dim=kw["context_dim"],
             disable_self_attn=disable_self_attn,
@@ -306,11 +370,11 @@ class UNetModel(nn.Module):
         blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(in_channels, ch, 3, padding=1))])
         skip_channels, ds = [ch], 1
         for level, mult in enumerate(self.channel_mult):
-            for _ in range(self.num_res_blocks):
+            for i in range(self.num_res_blocks[level]):
                 layers = [self._resblock(ch, emb_dim, mult * self.model_channels)]
                 ch = mult * self.model_channels
-                if ds in self.attention_resolutions:
-                    layers.append(self._attention(ch, self.disable_self_attentions[level]))
+                if self._attends(level, ds, i):
+                    layers.append(self._level_attention(ch, level))
                 blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(self.channel_mult) - 1:
@@ -319,10 +383,19 @@ class UNetModel(nn.Module):
                 ds *= 2
         return blocks, skip_channels
 
-    def _make_middle_block(self, ch: int, emb_dim: int, disable_self_attn: bool):
+    def _attends(self, level: int, ds: int, index: int) -> bool:
+        """Whether the `index`-th res block of `level`, at downsampling `ds`, has attention."""
+        counts = self.num_attention_blocks
+        return ds in self.attention_resolutions and (counts is None or index < counts[level])
+
+    def _level_attention(self, ch: int, level: int, decoder: bool = False) -> nn.Module:
+        disable = self.disable_self_attentions[level]
+        return self._attention(ch, disable, self.transformer_depth[level], decoder=decoder)
+
+    def _make_middle_block(self, ch: int, emb_dim: int, disable_self_attn: bool, depth: int):
         return TimestepEmbedSequential(
             self._resblock(ch, emb_dim, ch),
-            self._attention(ch, disable_self_attn),
+            self._attention(ch, disable_self_attn, depth),
             self._resblock(ch, emb_dim, ch),
         )
 
@@ -332,16 +405,14 @@ class UNetModel(nn.Module):
         ch = self.model_channels * self.channel_mult[-1]
         ds = 2 ** (len(self.channel_mult) - 1)
         for level, mult in reversed(list(enumerate(self.channel_mult))):
-            for i in range(self.num_res_blocks + 1):
+            for i in range(self.num_res_blocks[level] + 1):
                 layers = [
                     self._resblock(ch + skip_channels.pop(), emb_dim, mult * self.model_channels)
                 ]
                 ch = mult * self.model_channels
-                if ds in self.attention_resolutions:
-                    layers.append(
-                        self._attention(ch, self.disable_self_attentions[level], decoder=True)
-                    )
-                if level and i == self.num_res_blocks:
+                if self._attends(level, ds, i):
+                    layers.append(self._level_attention(ch, level, decoder=True))
+                if level and i == self.num_res_blocks[level]:
                     layers.append(Upsample(ch))
                     ds //= 2
                 blocks.append(TimestepEmbedSequential(*layers))

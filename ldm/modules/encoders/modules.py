@@ -27,6 +27,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.checkpoint import load_weights, read_state_dict
+from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.modules.encoders.tokenizer import (
     MAX_LENGTH,
     VOCAB_SIZE,
@@ -437,3 +438,25 @@ class FrozenOpenCLIPEmbedder(FrozenEncoder):
         for block in blocks[: len(blocks) - self.layer_idx]:
             x = block(x, attn_mask=attn_mask)
         return x  # (B, L, D)
+
+
+class ConcatTimestepEmbedderND(nn.Module):
+    """SDXL's size and crop conditioning (Podell et al. 2023, sec. 2.2): each of the D numbers
+    of a (B, D) tensor (an original size, a crop's top-left, a target size, as (h, w)) gets
+    the sinusoidal embedding of a timestep, of `outdim` channels, and the B rows are the
+    (B, D * outdim) concatenation, as generative-models' embedder of that name."""
+
+    def __init__(self, outdim: int):
+        super().__init__()
+        self.outdim = outdim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.ndim not in (1, 2):
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"ConcatTimestepEmbedderND: expected a (B,) or (B, D) tensor of numbers such as "
+                f"(height, width) pairs, got {got}"
+            )
+        x = x[:, None] if x.ndim == 1 else x  # (B, D)
+        emb = timestep_embedding(x.flatten(), self.outdim)  # (B * D, outdim)
+        return rearrange(emb, "(b d) c -> b (d c)", b=x.shape[0])  # (B, D * outdim)
