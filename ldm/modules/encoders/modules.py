@@ -95,6 +95,18 @@ OPENCLIP_CONFIGS = {
             "layers": 2,
         },
     },
+    # The tiny SDXL's second encoder, shaped as ViT-bigG-14: embed_dim = width, 64-wide heads
+    # there (16 here), GELU; three blocks, so that "penultimate" is a block of its own.
+    "ldm/openclip-bigg-tiny": {
+        "embed_dim": 48,
+        "text_cfg": {
+            "context_length": MAX_LENGTH,
+            "vocab_size": VOCAB_SIZE,
+            "width": 48,
+            "heads": 3,
+            "layers": 3,
+        },
+    },
 }
 OPENCLIP_TEXT_KEYS = {
     "context_length",
@@ -255,6 +267,9 @@ class FrozenCLIPEmbedder(FrozenEncoder):
         layer: "last" (last_hidden_state, final LayerNorm applied), "pooled" (`(B, 1, D)`),
             "hidden" (`hidden_states[layer_idx]`, no final LayerNorm) or "penultimate"
             (hidden with layer_idx=-2).
+        always_return_pooled: forward returns `(context, pooled)`, pooled the model's
+            `pooler_output` `(B, D)` (of a prompt's first chunk when chunked), as
+            generative-models' embedder of this name.
         long_prompts: "truncate" (to max_length tokens, logged once) or "chunk" (every
             max_length - 2 tokens encoded as a chunk of their own: `(B, k*77, D)`).
     """
@@ -269,9 +284,11 @@ class FrozenCLIPEmbedder(FrozenEncoder):
         freeze: bool = True,
         layer: str = "last",
         layer_idx: int | None = None,
+        always_return_pooled: bool = False,
         long_prompts: str = "truncate",
     ) -> None:
         warn_device(type(self).__name__, device)
+        self.return_pooled = always_return_pooled
         text_model, tokenizer_dir = make_clip_text_model(version)
         config = text_model.config
         limit, what = config.max_position_embeddings, "the model's position embeddings"
@@ -297,17 +314,23 @@ class FrozenCLIPEmbedder(FrozenEncoder):
         """Token ids `(B, max_length)` on the CPU: BOS, prompt, EOS, padded with EOS."""
         return tokenize(self.tokenizer, text, self.max_length)
 
-    def forward(self, text: str | list[str]) -> torch.Tensor:
-        """Context `(B, k*77, D)` (k = 1 unless long prompts are chunked), or `(B, 1, D)` pooled."""
+    def forward(self, text: str | list[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Context `(B, k*77, D)` (k = 1 unless long prompts are chunked), or `(B, 1, D)` pooled;
+        with always_return_pooled, `(context, pooled (B, D))`."""
         tok = self.tokenizer
         ids = prompt_ids(tok, text)
         tokens = self.chunk_tokens(ids, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
         device = self.transformer.text_model.embeddings.token_embedding.weight.device
-        return join_chunks(self.encode_tokens(tokens.to(device)), len(ids))  # (B, k*77, D)
+        out = self.transformer(
+            input_ids=tokens.to(device), output_hidden_states=self.layer == "hidden"
+        )
+        context = join_chunks(self.layer_features(out), len(ids))  # (B, k*77, D)
+        if not self.return_pooled:
+            return context
+        return context, out.pooler_output.unflatten(0, (len(ids), -1))[:, 0]  # (B, D)
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids `(N, 77)` → the `layer`'s features `(N, 77, D)`, or `(N, 1, D)` pooled."""
-        out = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
+    def layer_features(self, out) -> torch.Tensor:
+        """The `layer`'s features `(N, 77, D)`, or `(N, 1, D)` pooled, of a model output."""
         if self.layer == "last":
             return out.last_hidden_state  # (N, 77, D)
         if self.layer == "pooled":
@@ -438,6 +461,72 @@ class FrozenOpenCLIPEmbedder(FrozenEncoder):
         for block in blocks[: len(blocks) - self.layer_idx]:
             x = block(x, attn_mask=attn_mask)
         return x  # (B, L, D)
+
+
+class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
+    """SDXL's OpenCLIP text encoder (ViT-bigG/14 in SDXL): the context and, with
+    `always_return_pooled`, the pooled text embedding `(B, embed_dim)`, as generative-models'.
+
+    Args (beyond FrozenOpenCLIPEmbedder's):
+        always_return_pooled: forward returns `(context, pooled)`; pooled is ln_final of the
+            last block at the EOT token, times text_projection (of a prompt's first chunk
+            when long prompts are chunked).
+        legacy: True applies ln_final to the context, as SD 2.x; False (SDXL) hands the
+            chosen block's output on as it is. The pooled output needs legacy: false.
+    """
+
+    def __init__(
+        self,
+        arch: str = "ViT-H-14",
+        version: str = "laion2b_s32b_b79k",
+        device: str | torch.device | None = None,
+        max_length: int = MAX_LENGTH,
+        freeze: bool = True,
+        layer: str = "last",
+        always_return_pooled: bool = False,
+        legacy: bool = True,
+        long_prompts: str = "truncate",
+    ) -> None:
+        if always_return_pooled and legacy:
+            raise ValueError(
+                "FrozenOpenCLIPEmbedder2: always_return_pooled needs legacy: false (SDXL's "
+                "configs set both), as in generative-models"
+            )
+        super().__init__(arch, version, device, max_length, freeze, layer, long_prompts)
+        self.return_pooled, self.legacy = always_return_pooled, legacy
+
+    def forward(self, text: str | list[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Context `(B, k*77, D)`, and the pooled `(B, embed_dim)` with always_return_pooled."""
+        prompts = [text] if isinstance(text, str) else list(text)
+        ids = [OPENCLIP_TOKENIZER.encode(p) for p in prompts]
+        sot, eot = OPENCLIP_TOKENIZER.sot_token_id, OPENCLIP_TOKENIZER.eot_token_id
+        tokens = self.chunk_tokens(ids, sot, eot, OPENCLIP_PAD_ID)  # (B*k, 77)
+        context, pooled = self.encode_layers(tokens.to(self.model.positional_embedding.device))
+        context = join_chunks(context, len(ids))  # (B, k*77, D)
+        if not self.return_pooled:
+            return context
+        return context, pooled.unflatten(0, (len(ids), -1))[:, 0]  # (B, embed_dim)
+
+    def encode_layers(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids `(N, L)` → the `layer`'s features `(N, L, width)` and, when asked for,
+        the pooled embedding `(N, embed_dim)`."""
+        n = tokens.shape[1]
+        x = self.model.token_embedding(tokens) + self.model.positional_embedding[:n]  # (N, L, D)
+        mask = causal_mask(n, x)
+        blocks = self.model.transformer.resblocks
+        chosen = None
+        for i, block in enumerate(blocks):
+            if i == len(blocks) - self.layer_idx:
+                chosen = x  # the input of the block "penultimate" stops before
+                if not self.return_pooled:
+                    break
+            x = block(x, attn_mask=mask)
+        chosen = x if chosen is None else chosen
+        context = self.model.ln_final(chosen) if self.legacy else chosen
+        if not self.return_pooled:
+            return context, None
+        eot = self.model.ln_final(x)[torch.arange(len(tokens)), tokens.argmax(dim=-1)]  # (N, D)
+        return context, eot @ self.model.text_projection  # (N, embed_dim)
 
 
 class ConcatTimestepEmbedderND(nn.Module):
