@@ -21,8 +21,15 @@ class ConfigError(ValueError):
     """A config that cannot be turned into an object; the message names the key and the target."""
 
 
+# generative-models' package name, whose classes live here under `ldm.` at the same paths.
+ALIASED_PACKAGE = "sgm."
+
+
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
-    """Import `package.module.Name` and return `Name`."""
+    """Import `package.module.Name` and return `Name`; `sgm.X` (generative-models' released
+    configs) is `ldm.X`, the one alias rule."""
+    if string.startswith(ALIASED_PACKAGE):
+        string = "ldm." + string.removeprefix(ALIASED_PACKAGE)
     module_name, _, attr = string.rpartition(".")
     if not module_name:
         raise ConfigError(f"target {string!r} is not a dotted path such as 'package.module.Class'")

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.models.diffusion import ddpm, upscale
+from ldm.models.diffusion import ddpm, engine, upscale
+from ldm.modules.conditioner import GeneralConditioner
+from ldm.modules.diffusionmodules import denoiser, discretizer, loss, openaimodel, upscaling
 from ldm.modules.diffusionmodules import model as ae_nets
-from ldm.modules.diffusionmodules import openaimodel, upscaling
+from ldm.modules.diffusionmodules.sigma_sampling import DiscreteSampling
 from ldm.modules.encoders import modules as encoders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +81,14 @@ CONFIG_CLASSES = [
     (ae_nets.Decoder, getattr(ae_nets, "COMPAT_PARAMS", {})),
     (encoders.FrozenCLIPEmbedder, encoders.FrozenCLIPEmbedder.COMPAT_PARAMS),
     (encoders.FrozenOpenCLIPEmbedder, encoders.FrozenOpenCLIPEmbedder.COMPAT_PARAMS),
+    (encoders.FrozenOpenCLIPEmbedder2, encoders.FrozenOpenCLIPEmbedder.COMPAT_PARAMS),
+    (encoders.ConcatTimestepEmbedderND, {}),
+    (GeneralConditioner, {}),
+    (engine.DiffusionEngine, engine.COMPAT_PARAMS),
+    (denoiser.DiscreteDenoiser, {}),
+    (discretizer.LegacyDDPMDiscretization, {}),
+    (DiscreteSampling, {}),
+    (loss.StandardDiffusionLoss, {}),
 ]
 
 

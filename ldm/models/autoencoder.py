@@ -169,3 +169,8 @@ class AutoencoderKL(pl.LightningModule):
         reconstructions, posterior = self(x)
         samples = self.decode(torch.randn_like(posterior.sample()))
         return {"inputs": x, "reconstructions": reconstructions, "samples": samples}
+
+
+class AutoencoderKLInferenceWrapper(AutoencoderKL):
+    """The name generative-models' first sd_xl_base.yaml gives its first stage: the same model
+    (its `encode` returned a latent sample; LatentDiffusion samples the posterior itself)."""

@@ -167,8 +167,9 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
 
     # The conditioning_key values this class trains and samples with end to end.
     supported_conditioning = (None,)
-    # main.py sets it from the config's base_learning_rate.
+    # main.py sets learning_rate (base_learning_rate); SD files hold the schedule buffers.
     learning_rate = DEFAULT_LEARNING_RATE
+    persistent_schedule = True
 
     @property
     def parameterization(self) -> str:
@@ -202,7 +203,7 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         self.num_timesteps = len(betas)
         buffers = schedule.schedule_buffers(betas, v_posterior)
         for name, value in buffers.items():
-            self.register_buffer(name, value.float())
+            self.register_buffer(name, value.float(), persistent=self.persistent_schedule)
         self.schedule_keys = list(buffers)
 
     def register_logvar(self, logvar_init: float, learn_logvar: bool) -> None:

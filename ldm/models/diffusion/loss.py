@@ -68,6 +68,17 @@ class DiffusionLoss:
         self.tables = {"alphas_cumprod": alphas_cumprod, "snr": snr_weights, "vlb": vlb_weights}
         self.on_device: dict[torch.device, dict[str, Tensor]] = {}
 
+    def weigh_timesteps(self, weights: Tensor) -> None:
+        """Multiply each timestep's loss weight by `weights` (T,), e.g. a generative-models
+        loss weighting (`ldm.modules.diffusionmodules.loss`)."""
+        if weights.shape != self.tables["snr"].shape:
+            raise ValueError(
+                f"DiffusionLoss: timestep weights of shape {tuple(weights.shape)} for a "
+                f"{len(self.tables['snr'])}-step schedule"
+            )
+        self.tables["snr"] = self.tables["snr"] * weights.float()
+        self.on_device.clear()
+
     def table(self, name: str, device: torch.device) -> Tensor:
         """One of the (T,) tables on `device`, copied there once."""
         if device not in self.on_device:

@@ -175,6 +175,13 @@ def per_level(name: str, value: int | list[int], levels: int) -> list[int]:
     return values
 
 
+def middle_depth(transformer_depth_middle: int | None, depths: list[int]) -> int:
+    """The middle block's transformer depth: as given, or the last level's."""
+    if transformer_depth_middle is None:
+        return depths[-1]
+    return per_level("transformer_depth_middle", transformer_depth_middle, 1)[0]
+
+
 def one_context_dim(context_dim: int | list[int] | None) -> int | None:
     """The cross-attention width: an int, or generative-models' per-block list (the SDXL
     refiner's [1280, 1280, 1280, 1280]), whose entries must agree, as there."""
@@ -235,7 +242,14 @@ def make_label_emb(
 
 class UNetModel(nn.Module):
     """The SD UNet: `forward(x (B,C,H,W), timesteps (B,), context (B,L,D), y) -> (B,C_out,H,W)`,
-    with `y` the class labels or ADM vectors of a model with num_classes (see make_label_emb)."""
+    with `y` the class labels or ADM vectors of a model with num_classes (see make_label_emb).
+
+    SD's and generative-models' params. Beyond SD's: `num_res_blocks` and `transformer_depth`
+    may be per-level lists, `transformer_depth_middle` defaults to the last level's depth,
+    `num_attention_blocks` caps the attention blocks of each level, and
+    `use_spatial_transformer` defaults to whether a context_dim is given (generative-models
+    dropped the flag and always cross-attends).
+    """
 
     def __init__(
         self,
@@ -271,11 +285,6 @@ class UNetModel(nn.Module):
         spatial_transformer_attn_type: str = "softmax",
         image_size: int | None = None,
     ):
-        """SD's and generative-models' params. Beyond SD's: `num_res_blocks` and
-        `transformer_depth` may be per-level lists, `transformer_depth_middle` defaults to the
-        last level's depth, `num_attention_blocks` caps the attention blocks of each level, and
-        `use_spatial_transformer` defaults to whether a context_dim is given (generative-models
-        dropped the flag and always cross-attends)."""
         super().__init__()
         reject_unsupported(
             "UNetModel",
@@ -323,11 +332,9 @@ class UNetModel(nn.Module):
         self.label_emb = make_label_emb(num_classes, adm_in_channels, time_embed_dim)
         self.input_blocks, skip_channels = self._make_input_blocks(in_channels, time_embed_dim)
         ch = model_channels * self.channel_mult[-1]
-        middle_depth = self.transformer_depth[-1]
-        if transformer_depth_middle is not None:
-            middle_depth = per_level("transformer_depth_middle", transformer_depth_middle, 1)[0]
+        depth = middle_depth(transformer_depth_middle, self.transformer_depth)
         self.middle_block = self._make_middle_block(
-            ch, time_embed_dim, disable_middle_self_attn, middle_depth
+            ch, time_embed_dim, disable_middle_self_attn, depth
         )
         self.output_blocks = self._make_output_blocks(skip_channels, time_embed_dim)
         self.out = nn.Sequential(

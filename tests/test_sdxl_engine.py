@@ -1,0 +1,250 @@
+"""SDXL's DiffusionEngine: the released configs build with the released key layout, sgm.*
+targets resolve, the loss is diffusers' SDXL training loss (and generative-models' formula
+for other weightings), and the tiny SDXL config trains through main.py and resumes exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, load_config
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    create_unet_diffusers_config_from_ldm,
+)
+from omegaconf import OmegaConf
+
+import main
+from ldm.models.diffusion.engine import DiffusionEngine
+from ldm.modules.diffusionmodules.loss import StandardDiffusionLoss
+from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
+
+TINY = ROOT / "configs" / "tiny" / "sdxl.yaml"
+SCALINGS = "sgm.modules.diffusionmodules.denoiser_scaling."
+WEIGHTINGS = "sgm.modules.diffusionmodules.loss_weighting."
+SMALL = ["data.params.batch_size=4", "data.params.num_workers=0"]
+
+
+def tiny_config(**params) -> OmegaConf:
+    config = OmegaConf.load(TINY).model
+    for key, value in params.items():
+        OmegaConf.update(config, f"params.{key}", value, merge=False)
+    return config
+
+
+def tiny_engine(**params) -> DiffusionEngine:
+    return instantiate_from_config(tiny_config(**params))
+
+
+def shapes_batch(n: int = 4) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.rand(n, 32, 32, 3, generator=g) * 2 - 1,
+        "caption": ["a red circle", "a blue square", "a green triangle", "a red square"][:n],
+    }
+
+
+def test_sgm_targets_are_the_ldm_classes():
+    assert get_obj_from_str("sgm.models.diffusion.DiffusionEngine") is DiffusionEngine
+    assert get_obj_from_str("ldm.models.diffusion.DiffusionEngine") is DiffusionEngine
+    assert get_obj_from_str("sgm.modules.diffusionmodules.loss.StandardDiffusionLoss") is (
+        StandardDiffusionLoss
+    )
+
+
+@pytest.mark.parametrize("name", ["sd_xl_base.yaml", "sd_xl_refiner.yaml"])
+def test_released_configs_build_with_the_released_layout(name):
+    config = load_config(f"sdxl/{name}")
+    with torch.device("meta"):
+        engine = instantiate_from_config(config.model)
+    keys = engine.state_dict()
+    prefixes = {k.split(".")[0] for k in keys}
+    assert prefixes == {"model", "first_stage_model", "conditioner", "denoiser"}
+    assert tuple(keys["denoiser.sigmas"].shape) == (1000,)
+    unet = {k: v for k, v in keys.items() if k.startswith("model.diffusion_model.")}
+    original = OmegaConf.to_container(config)
+    unet_config = create_unet_diffusers_config_from_ldm(original, unet)
+    with torch.device("meta"):
+        reference = UNet2DConditionModel(**unet_config)
+    converted = convert_ldm_unet_checkpoint(unet, unet_config)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {
+        k: tuple(v.shape) for k, v in reference.state_dict().items()
+    }
+    embedders = {k.split(".")[2] + "." + k.split(".")[3] for k in keys if "embedders" in k}
+    if name == "sd_xl_base.yaml":
+        assert embedders == {"0.transformer", "1.model"}  # CLIP ViT-L, then OpenCLIP bigG
+        assert engine.model.conditioning_key == "crossattn-adm"
+    else:
+        assert embedders == {"0.model"}  # the refiner has bigG only
+        assert "conditioner.embedders.0.model.text_projection" in keys
+
+
+def test_sigmas_are_those_of_sdxl_schedule_in_diffusers():
+    engine = tiny_engine()
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    expected = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).sqrt()
+    torch.testing.assert_close(engine.denoiser.sigmas, expected.float())
+    torch.testing.assert_close(engine.alphas_cumprod, scheduler.alphas_cumprod.float())
+
+
+def diffusers_unet(engine: DiffusionEngine) -> UNet2DConditionModel:
+    """diffusers' text_time UNet with the engine's UNet weights."""
+    unet = {
+        "model.diffusion_model." + k: v
+        for k, v in engine.model.diffusion_model.state_dict().items()
+    }
+    original = {"model": OmegaConf.to_container(tiny_config())}
+    config = create_unet_diffusers_config_from_ldm(original, unet) | {
+        "class_embed_type": None,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 4,
+    }
+    reference = UNet2DConditionModel(**config)
+    reference.load_state_dict(convert_ldm_unet_checkpoint(unet, config), strict=True)
+    return reference.eval()
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_training_loss_is_diffusers_sdxl_training_loss(prediction):
+    scaling = "EpsScaling" if prediction == "epsilon" else "VScaling"
+    weighting = "EpsWeighting" if prediction == "epsilon" else "VWeighting"
+    engine = tiny_engine(
+        **{
+            "denoiser_config.params.scaling_config.target": SCALINGS + scaling,
+            "loss_fn_config.params.loss_weighting_config.target": WEIGHTINGS + weighting,
+        }
+    ).eval()
+    with torch.no_grad():
+        for p in engine.model.parameters():
+            p.normal_(0, 0.05)
+    reference = diffusers_unet(engine)
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction,
+    )
+    batch = shapes_batch()
+    z, cond = engine.get_input(batch)
+    t, noise = torch.tensor([3, 250, 600, 999]), torch.randn_like(z)
+    with torch.no_grad():
+        loss, _ = engine.p_losses(z, cond, t, noise)
+        noisy = scheduler.add_noise(z, noise, t)
+        pooled, sizes = (
+            cond["c_adm"][:, :48],
+            torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 4),
+        )
+        pred = reference(
+            noisy,
+            t,
+            encoder_hidden_states=cond["c_crossattn"][0],
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": sizes},
+        ).sample
+    target = noise if prediction == "epsilon" else scheduler.get_velocity(z, noise, t)
+    torch.testing.assert_close(
+        loss, torch.nn.functional.mse_loss(pred, target), rtol=1e-4, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "scaling,weighting,loss_type",
+    [("EpsScaling", "VWeighting", "l2"), ("VScaling", "EpsWeighting", "l1")],
+)
+def test_other_weightings_train_generative_models_loss(scaling, weighting, loss_type):
+    engine = tiny_engine(
+        **{
+            "denoiser_config.params.scaling_config.target": SCALINGS + scaling,
+            "loss_fn_config.params.loss_weighting_config.target": WEIGHTINGS + weighting,
+            "loss_fn_config.params.loss_type": loss_type,
+        }
+    ).eval()
+    loss_fn = StandardDiffusionLoss(
+        sigma_sampler_config=tiny_config().params.loss_fn_config.params.sigma_sampler_config,
+        loss_weighting_config={"target": WEIGHTINGS + weighting},
+        loss_type=loss_type,
+    )
+    z, cond = engine.get_input(shapes_batch())
+
+    def network(x, t, c):  # generative-models' OpenAIWrapper
+        return engine.model(x, t, c_crossattn=c["c_crossattn"], c_adm=c["c_adm"])
+
+    with torch.no_grad():
+        torch.manual_seed(5)
+        theirs = loss_fn(network, engine.denoiser, lambda batch: cond, z, {}).mean()
+        torch.manual_seed(5)
+        t = torch.randint(0, 1000, (len(z),))
+        ours, _ = engine.p_losses(z, cond, t, torch.randn_like(z))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_options_that_cannot_train_are_named():
+    edm = {"loss_fn_config.params.sigma_sampler_config.params.num_idx": 500}
+    with pytest.raises(NotImplementedError, match="sigma_sampler must be a DiscreteSampling"):
+        tiny_engine(**edm)
+    with pytest.raises(NotImplementedError, match="loss_type='lpips'"):
+        tiny_engine(**{"loss_fn_config.params.loss_type": "lpips"})
+    with pytest.raises(NotImplementedError, match="sampler_config"):
+        tiny_engine(sampler_config={"target": "sgm.modules.diffusionmodules.sampling.Euler"})
+    clip_only = tiny_config().params.conditioner_config.params.emb_models[:1]
+    engine = tiny_engine(**{"conditioner_config.params.emb_models": clip_only})
+    with pytest.raises(ConfigError, match=r"gives \['crossattn'\].*\['crossattn', 'vector'\]"):
+        engine.get_input(shapes_batch())
+
+
+def test_empty_prompts_condition_on_zeroed_text_and_default_sizes():
+    engine = tiny_engine().eval()
+    cond = engine.get_learned_conditioning(["a red circle", ""])
+    context, vector = cond["c_crossattn"][0], cond["c_adm"]
+    assert context.shape == (2, 77, 80) and vector.shape == (2, 72)
+    assert context[1].eq(0).all() and vector[1, :48].eq(0).all() and not context[0].eq(0).all()
+    torch.testing.assert_close(vector[0, 48:], vector[1, 48:])  # 32 x 32 px, no crop
+    at_64 = engine.get_learned_conditioning(["a red circle"], size=(64, 64))["c_adm"]
+    assert not torch.allclose(at_64[0, 48:], vector[0, 48:])
+
+
+def test_tiny_sdxl_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    engine = tiny_engine(use_ema=False).train()
+    optimizer = torch.optim.AdamW(engine.trainable_parameters(), lr=2e-3)
+    batch = shapes_batch()
+    z, cond = engine.get_input(batch)
+    t, noise = torch.randint(0, 1000, (len(z),)), torch.randn_like(z)
+    losses = []
+    for _ in range(30):
+        loss, _ = engine.p_losses(z, cond, t, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert not any(p.requires_grad for p in engine.conditioner.parameters())
+
+
+def run(logs: Path, *args: str):
+    return main.main(["--base", str(TINY), "-l", str(logs), *args, *SMALL])
+
+
+def test_tiny_sdxl_trains_through_main_and_resumes_exactly(tmp_path):
+    previews = "lightning.callbacks.image_logger.params.batch_frequency=2"
+    common = ["-t", "-s", "3", "--no-test", "lightning.trainer.limit_val_batches=1", previews]
+    whole = run(tmp_path / "whole", *common, "--max_steps", "4")
+    (whole_dir,) = sorted((tmp_path / "whole").iterdir())
+    grids = sorted(p.name.split("_gs")[0] for p in (whole_dir / "images" / "train").glob("*.png"))
+    assert set(grids) == {"inputs", "reconstructions", "samples_cfg1", "samples_cfg3"}
+    first = run(tmp_path / "parts", *common, "--max_steps", "2")
+    assert first.global_step == 2
+    (logdir,) = sorted((tmp_path / "parts").iterdir())
+    resumed = main.main(["-r", str(logdir), *common, "--max_steps", "4", *SMALL])
+    assert resumed.global_step == 4
+    ours, reference = resumed.lightning_module.state_dict(), whole.lightning_module.state_dict()
+    assert {k.split(".")[0] for k in ours} == {
+        "model",
+        "model_ema",
+        "first_stage_model",
+        "conditioner",
+        "denoiser",
+    }
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], msg=key)
