@@ -15,11 +15,14 @@ from diffusers.loaders.single_file_utils import (
     create_unet_diffusers_config_from_ldm,
 )
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 import main
+from ldm.checkpoint import CheckpointError
 from ldm.models.diffusion.engine import DiffusionEngine
 from ldm.modules.diffusionmodules.loss import StandardDiffusionLoss
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
+from scripts import convert, txt2img
 
 TINY = ROOT / "configs" / "tiny" / "sdxl.yaml"
 SCALINGS = "sgm.modules.diffusionmodules.denoiser_scaling."
@@ -248,3 +251,80 @@ def test_tiny_sdxl_trains_through_main_and_resumes_exactly(tmp_path):
     }
     for key in reference:
         torch.testing.assert_close(ours[key], reference[key], msg=key)
+
+
+def test_an_original_layout_safetensors_file_loads_for_fine_tuning(tmp_path):
+    source = tiny_engine(use_ema=False)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(0, 0.05)
+    weights = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / "sdxl.safetensors"
+    save_file({k: v for k, v in weights.items() if k != "denoiser.sigmas"}, path)
+    engine = tiny_engine(ckpt_path=str(path))  # the EMA starts from the file's weights
+    for key, value in weights.items():
+        assert torch.equal(engine.state_dict()[key], value), key
+    ema = engine.model_ema
+    with engine.ema_scope():
+        assert torch.equal(
+            engine.model.diffusion_model.out[2].weight, source.model.diffusion_model.out[2].weight
+        )
+    assert ema.num_updates.item() == 0
+    broken = tmp_path / "broken.safetensors"
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith("conditioner.embedders.1.")}, broken
+    )
+    with pytest.raises(
+        CheckpointError, match=r"missing \(42\): conditioner.embedders.1.model.*SDXL"
+    ):
+        tiny_engine(ckpt_path=str(broken))
+
+
+def test_a_tiny_sdxl_run_samples_with_txt2img_and_exports_the_sdxl_layout(tmp_path):
+    run(
+        tmp_path / "logs",
+        "-t",
+        "--max_steps",
+        "1",
+        "--no-test",
+        "lightning.trainer.limit_val_batches=1",
+    )
+    (logdir,) = sorted((tmp_path / "logs").iterdir())
+    flags = ["--ddim_steps", "3", "--precision", "full", "--device", "cpu", "--n_iter", "1"]
+    images = txt2img.main(
+        [
+            "--ckpt",
+            str(logdir),
+            "--prompt",
+            "a red circle",
+            "--n_samples",
+            "2",
+            *flags,
+            "--outdir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert len(images) == 1 and images[0].shape == (2, 3, 32, 32)
+    out = tmp_path / "sdxl.safetensors"
+    convert.main(["--ckpt", str(logdir), "--out", str(out), "--use_ema"])
+    exported = load_file(out)
+    assert {k.split(".")[0] for k in exported} == {
+        "model",
+        "first_stage_model",
+        "conditioner",
+        "denoiser",
+    }
+    assert "conditioner.embedders.1.model.text_projection" in exported
+
+
+def test_the_latent_cache_refuses_sdxl_by_name(tmp_path):
+    cache = "lightning.callbacks.latent_cache"
+    with pytest.raises(ConfigError, match="SDXL DiffusionEngine is not cached yet"):
+        run(
+            tmp_path / "logs",
+            "-t",
+            "--max_steps",
+            "1",
+            f"{cache}.target=ldm.data.cache.LatentCache",
+            f"{cache}.params.dir={tmp_path / 'cache'}",
+        )

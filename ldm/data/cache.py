@@ -189,6 +189,12 @@ class LatentCache(pl.Callback):
                 f"LatentCache: data.params.{split} weighs its items ({dataset}), and the cache "
                 "keeps no loss weights: train this mix without the cache"
             )
+        if hasattr(model, "conditioner"):
+            raise ConfigError(
+                "LatentCache: an SDXL DiffusionEngine is not cached yet (the cache would need "
+                "its pooled text vector and both contexts, and the size entries): train it "
+                "uncached"
+            )
         if model.model.conditioning_key not in (None, "crossattn"):
             raise ConfigError(
                 f"LatentCache: the model's conditioning_key is {model.model.conditioning_key}, "

@@ -169,7 +169,7 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
     supported_conditioning = (None,)
     # main.py sets learning_rate (base_learning_rate); SD files hold the schedule buffers.
     learning_rate = DEFAULT_LEARNING_RATE
-    persistent_schedule = True
+    original_layout, persistent_schedule = ORIGINAL_LAYOUT, True
 
     @property
     def parameterization(self) -> str:
@@ -251,7 +251,7 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
             target, state_dict = self.model, unet_weights(state_dict)
             expected = "a UNet: an original SD file's model.diffusion_model.* or diffusion_model.*"
         else:
-            target, expected = self, ORIGINAL_LAYOUT
+            target, expected = self, self.original_layout
         optional = ignore_keys if only_model else [*ignore_keys, *self.computed_keys()]
         loaded = load_strictly(target, state_dict, str(path), optional, expected)
         self.after_loading(loaded if target is self else set(), path)

@@ -82,6 +82,10 @@ class DiffusionEngine(LatentDiffusion):
     supported_conditioning = (None, "crossattn", "crossattn-adm")
     # SDXL files hold no schedule buffers: `denoiser.sigmas` stands for the schedule.
     persistent_schedule = False
+    original_layout = (
+        "SDXL's layout (model.diffusion_model.*, first_stage_model.*, conditioner.embedders.*, "
+        "denoiser.sigmas), as generative-models writes it"
+    )
 
     def __init__(
         self,

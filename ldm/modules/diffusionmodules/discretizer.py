@@ -29,7 +29,8 @@ class Discretization:
     false; ascending with flip."""
 
     def __call__(self, n: int, do_append_zero: bool = True, device=None, flip: bool = False):
-        sigmas = self.get_sigmas(n, device=device)
+        with torch.device("cpu"):
+            sigmas = self.get_sigmas(n, device=device)
         if do_append_zero:
             sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
         return sigmas.flip(0) if flip else sigmas
@@ -47,8 +48,9 @@ class LegacyDDPMDiscretization(Discretization):
     ):
         self.linear_start, self.linear_end = linear_start, linear_end
         self.num_timesteps = num_timesteps
-        betas = schedule.make_beta_schedule("linear", num_timesteps, linear_start, linear_end)
-        self.alphas_cumprod = schedule.schedule_buffers(betas)["alphas_cumprod"]  # (T,) float64
+        with torch.device("cpu"):  # constants of the config, also when a model is built on meta
+            betas = schedule.make_beta_schedule("linear", num_timesteps, linear_start, linear_end)
+            self.alphas_cumprod = schedule.schedule_buffers(betas)["alphas_cumprod"]  # (T,) f64
 
     def schedule_params(self) -> dict:
         """This schedule as DDPM's params."""
