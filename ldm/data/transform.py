@@ -14,7 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ldm.models.diffusion.conditioning import LOSS_MASK_KEY
+from ldm.models.diffusion.conditioning import (
+    CROP_KEY,
+    LOSS_MASK_KEY,
+    ORIGINAL_SIZE_KEY,
+    TARGET_SIZE_KEY,
+)
 from ldm.util import ConfigError
 
 CROPS = ("center", "random")
@@ -100,12 +105,15 @@ class ImageTransform:
         self, image: Image.Image, target: Size | None = None, mask: Image.Image | None = None
     ) -> dict[str, np.ndarray]:
         """`{"image": float32 (H, W, 3) in [-1, 1]}` at target (W, H), plus `"loss_mask"`
-        (H, W, 1) in [0, 1] when a mask (of the image's size) is given."""
+        (H, W, 1) in [0, 1] when a mask (of the image's size) is given, and SDXL's size
+        entries (`micro_conditioning`)."""
         target = target or (self.size, self.size)
+        original = image.size
         image = resize_to_cover(image.convert("RGB"), target, Image.Resampling.BICUBIC)
         box = self.crop_box(image.size, target)
         flip = self.flip_p > 0 and np.random.random() < self.flip_p
         out = {"image": to_unit_range(crop_and_flip(image, box, flip))}
+        out |= micro_conditioning(original, image.size, box, flip)
         if mask is not None:
             mask = resize_to_cover(mask.convert("L"), target, Image.Resampling.BILINEAR)
             out[LOSS_MASK_KEY] = to_mask_array(crop_and_flip(mask, box, flip))
@@ -120,6 +128,18 @@ class ImageTransform:
             left = np.random.randint(0, width - crop_w + 1)
             top = np.random.randint(0, height - crop_h + 1)
         return left, top, left + crop_w, top + crop_h
+
+
+def micro_conditioning(original: Size, resized: Size, box, flip: bool) -> dict[str, np.ndarray]:
+    """SDXL's size entries of a crop `box` (left, top, right, bottom) of the image resized from
+    `original` to `resized` (width, height), each float32 (2,) as (height, width) or (top,
+    left); a flip mirrors the crop's left edge, as the flipped image holds it."""
+    left, top, right, bottom = box
+    return {
+        ORIGINAL_SIZE_KEY: np.array([original[1], original[0]], dtype=np.float32),
+        CROP_KEY: np.array([top, resized[0] - right if flip else left], dtype=np.float32),
+        TARGET_SIZE_KEY: np.array([bottom - top, right - left], dtype=np.float32),
+    }
 
 
 def resize_to_cover(image: Image.Image, target: Size, resample) -> Image.Image:

@@ -32,6 +32,11 @@ MOMENTS_KEY, CONTEXT_KEY = "first_stage_moments", "cond_stage_context"
 LOSS_WEIGHT_KEY = "loss_weight"
 # Each pixel's weight in the loss, (B, H, W, 1) in [0, 1] (ldm.data.folder's masks).
 LOSS_MASK_KEY = "loss_mask"
+# SDXL's micro-conditioning of an item (Podell et al. 2023, sec. 2.2), each (2,) as (height,
+# width) or (top, left) in pixels: the file's size, the crop's corner in the resized (and
+# flipped) image, the crop's size; and the refiner's aesthetic score.
+ORIGINAL_SIZE_KEY, CROP_KEY = "original_size_as_tuple", "crop_coords_top_left"
+TARGET_SIZE_KEY, AESTHETIC_KEY = "target_size_as_tuple", "aesthetic_score"
 
 
 def parse_ucg_training(config: Mapping | None) -> dict[str, dict]:

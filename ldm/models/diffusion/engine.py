@@ -20,6 +20,12 @@ import torch
 from torch import nn
 
 from ldm.models.diffusion import previews
+from ldm.models.diffusion.conditioning import (
+    AESTHETIC_KEY,
+    CROP_KEY,
+    ORIGINAL_SIZE_KEY,
+    TARGET_SIZE_KEY,
+)
 from ldm.models.diffusion.latent import LatentDiffusion
 from ldm.models.diffusion.schedule import append_dims
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -42,8 +48,7 @@ EMPTY_CONDITIONER = {"target": "ldm.modules.GeneralConditioner", "params": {"emb
 TEXT_KEYS = ("txt", "caption")
 # SDXL's micro-conditioning when a caller gives only prompts, as its sampling scripts default:
 # the image's own size as original and target size, no crop, the refiner's aesthetic score 6.
-CROP_KEY, AESTHETIC_KEY, DEFAULT_AESTHETIC = "crop_coords_top_left", "aesthetic_score", 6.0
-SIZE_KEYS = ("original_size_as_tuple", "target_size_as_tuple")
+SIZE_KEYS, DEFAULT_AESTHETIC = (ORIGINAL_SIZE_KEY, TARGET_SIZE_KEY), 6.0
 
 
 def conditioning_key_of(network_config: Mapping) -> str | None:
