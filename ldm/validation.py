@@ -169,7 +169,8 @@ class ValidationPrompts(pl.Callback):
     def latent_shape(self, model, size: tuple) -> tuple[int, int, int]:
         """(C, h, w) of the latents for a prompt's `size` (height, width) in pixels, where
         given, else the callback's, else the model's."""
-        if getattr(model, "cond_stage_model", None) is None:
+        text = getattr(model, "cond_stage_model", None) is not None
+        if not (text or getattr(model, "reads_text", False)):  # an SD model, or SDXL's
             raise ConfigError(f"{WHERE}: {type(model).__name__} is not a text-conditioned model")
         f = latent_factor(model)
         size = (own or default for own, default in zip(size, self.size, strict=True))
@@ -229,8 +230,13 @@ class ValidationPrompts(pl.Callback):
             x_T = start_noise(
                 self.seed + i, n, self.shapes[i], model.device, model.dtype
             )  # (n, C, h, w)
-            cond = model.get_learned_conditioning([prompt] * n)
-            uncond = model.get_learned_conditioning([""] * n) if self.guidance_scale != 1 else None
+            # SDXL conditions on the image's size too: the prompt's own
+            f, sizes = latent_factor(model), self.shapes[i][1:]
+            micro = {"size": (sizes[0] * f, sizes[1] * f)} if hasattr(model, "conditioner") else {}
+            cond = model.get_learned_conditioning([prompt] * n, **micro)
+            uncond = None
+            if self.guidance_scale != 1:
+                uncond = model.get_learned_conditioning([""] * n, **micro)
             z = sampling.sample(
                 model,
                 cond,

@@ -23,12 +23,21 @@ from torchvision.utils import make_grid
 from ldm import inference
 from ldm.checkpoint import UNSAFE_PICKLE_FLAG, run_files
 from ldm.models.diffusion import adapters
+from ldm.models.diffusion.conditioning import (
+    AESTHETIC_KEY,
+    CROP_KEY,
+    ORIGINAL_SIZE_KEY,
+    TARGET_SIZE_KEY,
+)
 from ldm.modules.acceleration import compile_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 
 DEVICES = ("cuda", "cpu", "mps")
 DEFAULT_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
+# SDXL's flags, and the refiner's aesthetic scores as its scripts and diffusers default them.
+SDXL_FLAGS = ("original_size", "crop", "target_size", "aesthetic_score", "negative_aesthetic_score")
+AESTHETIC, NEGATIVE_AESTHETIC = 6.0, 2.5
 
 
 def add_common_args(parser: argparse.ArgumentParser, outdir: str, n_samples: int, n_iter: int):
@@ -134,10 +143,52 @@ def sampling_options(opt) -> dict:
     }
 
 
-def conditionings(model, prompts: list[str], scale: float):
-    """(cond, uncond or None) for a batch of prompts; the empty prompt is the unconditional."""
-    uncond = model.get_learned_conditioning(len(prompts) * [""]) if scale != 1.0 else None
-    return model.get_learned_conditioning(prompts), uncond
+def add_sdxl_args(parser: argparse.ArgumentParser) -> None:
+    """SDXL's micro-conditioning flags, defaulting as its own scripts do."""
+    group = parser.add_argument_group("SDXL micro-conditioning (DiffusionEngine models only)")
+    add = group.add_argument
+    add("--original_size", type=int, nargs=2, metavar=("H", "W"), help="default: the image's size")
+    add("--crop", type=int, nargs=2, metavar=("TOP", "LEFT"), help="crop corner (default 0 0)")
+    add("--target_size", type=int, nargs=2, metavar=("H", "W"), help="default: the image's size")
+    add("--aesthetic_score", type=float, help=f"the refiner's, of the prompt (default {AESTHETIC})")
+    add(
+        "--negative_aesthetic_score",
+        type=float,
+        help=f"the refiner's, of the unconditional branch (default {NEGATIVE_AESTHETIC})",
+    )
+
+
+def micro_conditioning(opt, model, size: tuple[int, int]) -> tuple[dict, dict]:
+    """(cond's, uncond's) keyword arguments of an SDXL model's get_learned_conditioning for
+    images of `size` (height, width); none for other models, which refuse the SDXL flags."""
+    flags = {
+        ORIGINAL_SIZE_KEY: opt.original_size,
+        CROP_KEY: opt.crop,
+        TARGET_SIZE_KEY: opt.target_size,
+        AESTHETIC_KEY: opt.aesthetic_score,
+    }
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not hasattr(model, "conditioner"):
+        names = [f"--{name}" for name in SDXL_FLAGS if getattr(opt, name) is not None]
+        if names:
+            raise ValueError(
+                f"{', '.join(names)}: SDXL's micro-conditioning, which a "
+                f"{type(model).__name__} does not take"
+            )
+        return {}, {}
+    cond = {"size": size, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}}
+    negative = opt.negative_aesthetic_score
+    return cond, {**cond, AESTHETIC_KEY: NEGATIVE_AESTHETIC if negative is None else negative}
+
+
+def conditionings(model, prompts: list[str], scale: float, micro: tuple[dict, dict] = ({}, {})):
+    """(cond, uncond or None) for a batch of prompts; the empty prompt is the unconditional.
+    `micro`: SDXL's size entries of each (`micro_conditioning`)."""
+    cond_micro, uncond_micro = micro
+    uncond = None
+    if scale != 1.0:
+        uncond = model.get_learned_conditioning(len(prompts) * [""], **uncond_micro)
+    return model.get_learned_conditioning(prompts, **cond_micro), uncond
 
 
 def save(opt, images: list[torch.Tensor]) -> None:

@@ -24,7 +24,9 @@ from ldm.inference import latent_factor  # noqa: E402
 from ldm.models.diffusion import sampling  # noqa: E402
 from scripts.common import (  # noqa: E402
     add_common_args,
+    add_sdxl_args,
     conditionings,
+    micro_conditioning,
     precision_scope,
     read_image,
     sampling_options,
@@ -46,6 +48,7 @@ def get_parser() -> argparse.ArgumentParser:
         default=0.75,
         help="noise added to the input: 0 keeps it, 1 replaces it entirely",
     )
+    add_sdxl_args(parser)
     return parser
 
 
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
     model, device, batches = setup(opt, "img2img.py")
     try:
         init = load_img(opt.init_img, 8 * latent_factor(model)).to(device)
+        micro = micro_conditioning(opt, model, tuple(init.shape[-2:]))
     except ValueError as err:
         sys.exit(f"img2img.py: {err}")
     images = []
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
         z0 = model.scale_factor * model.encode_first_stage(init).mode()  # (1, C, h, w)
         for _ in range(opt.n_iter):
             for prompts in batches:
-                cond, uncond = conditionings(model, prompts, opt.scale)
+                cond, uncond = conditionings(model, prompts, opt.scale, micro)
                 latents = sampling.img2img(
                     model,
                     z0.expand(len(prompts), -1, -1, -1),

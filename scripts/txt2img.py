@@ -25,7 +25,9 @@ from ldm.inference import latent_factor  # noqa: E402
 from ldm.models.diffusion import sampling  # noqa: E402
 from scripts.common import (  # noqa: E402
     add_common_args,
+    add_sdxl_args,
     conditionings,
+    micro_conditioning,
     precision_scope,
     sampling_options,
     save,
@@ -45,6 +47,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--W", type=int, help="image width in pixels (default: the model's)")
     add("--C", type=int, help="latent channels (default: the model's)")
     add("--f", type=int, help="downsampling factor (default: the first stage's)")
+    add_sdxl_args(parser)
     return parser
 
 
@@ -66,6 +69,11 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
         sys.exit(f"txt2img.py: --ddim_eta {opt.ddim_eta}: {err} (drop it, or use --sampler ddim)")
     model, device, batches = setup(opt, "txt2img.py")
     shape = latent_shape(opt, model)
+    f = opt.f or latent_factor(model)
+    try:
+        micro = micro_conditioning(opt, model, (shape[1] * f, shape[2] * f))
+    except ValueError as err:
+        sys.exit(f"txt2img.py: {err}")
     start_code = None
     if opt.fixed_code:
         start_code = torch.randn((opt.n_samples, *shape), device=device)
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
     with precision_scope(opt.precision, device):
         for _ in range(opt.n_iter):
             for prompts in batches:
-                cond, uncond = conditionings(model, prompts, opt.scale)
+                cond, uncond = conditionings(model, prompts, opt.scale, micro)
                 x_T = None if start_code is None else start_code[: len(prompts)]
                 latents = sampling.sample(
                     model,

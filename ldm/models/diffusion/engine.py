@@ -217,23 +217,29 @@ class DiffusionEngine(LatentDiffusion):
         cond = {"c_crossattn": [out["crossattn"]]}
         return cond | ({"c_adm": out["vector"]} if "vector" in out else {})
 
-    def micro_conditioning(self, n: int, size: tuple[int, int] | None) -> dict:
-        """The size and crop entries the conditioner reads for n images of `size` (height,
-        width; by default the latents' image_size times the first stage's factor)."""
+    def micro_conditioning(self, n: int, size: tuple[int, int] | None = None, **given) -> dict:
+        """The size, crop and score entries the conditioner reads, for n images of `size`
+        (height, width; by default the latents' image_size times the first stage's factor),
+        as SDXL's scripts default them unless `given` (batch keys: `crop_coords_top_left`
+        (top, left), ...)."""
         if size is None:
             size = (self.image_size * self.latent_factor,) * 2
+        defaults = {key: tuple(size) for key in SIZE_KEYS}
+        entries = defaults | {CROP_KEY: (0, 0), AESTHETIC_KEY: DEFAULT_AESTHETIC} | given
         wanted = {key for spec in self.conditioner.specs for key in spec.input_keys}
-        entries = {key: torch.tensor([list(size)] * n, dtype=torch.float) for key in SIZE_KEYS}
-        entries[CROP_KEY] = torch.zeros(n, 2)
-        entries[AESTHETIC_KEY] = torch.full((n,), DEFAULT_AESTHETIC)
-        return {k: v.to(self.device) for k, v in entries.items() if k in wanted}
+        return {
+            key: torch.tensor([value] * n, dtype=torch.float, device=self.device)
+            for key, value in entries.items()
+            if key in wanted
+        }
 
     @torch.no_grad()
-    def get_learned_conditioning(self, c, size: tuple[int, int] | None = None):
-        """The conditioning of prompts at `size` (see micro_conditioning); an empty prompt's
-        text embeddings are zeros, SDXL's unconditional text."""
+    def get_learned_conditioning(self, c, size: tuple[int, int] | None = None, **micro):
+        """The conditioning of prompts for images of `size`, with SDXL's `micro` entries (see
+        micro_conditioning); an empty prompt's text embeddings are zeros, SDXL's
+        unconditional text."""
         prompts = [c] if isinstance(c, str) else list(c)
-        batch = {TEXT_KEYS[0]: prompts, **self.micro_conditioning(len(prompts), size)}
+        batch = {TEXT_KEYS[0]: prompts, **self.micro_conditioning(len(prompts), size, **micro)}
         out = self.conditioner(batch, dropout=False)
         empty = torch.tensor([p == "" for p in prompts], device=self.device)
         if empty.any():
