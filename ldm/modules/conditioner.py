@@ -87,6 +87,11 @@ class GeneralConditioner(nn.Module):
             build_embedder(i, c, s)
             for i, (c, s) in enumerate(zip(configs, self.specs, strict=True))
         )
+        self.adapted: set[int] = set()  # frozen embedders with LoRA adapters: run with gradients
+
+    def text_embedders(self) -> list[int]:
+        """Indices of the embedders that read captions (`txt` or `caption`)."""
+        return [i for i, s in enumerate(self.specs) if {"txt", "caption"} & set(s.input_keys)]
 
     def train(self, mode: bool = True) -> GeneralConditioner:
         """As nn.Module.train, except that frozen embedders stay in eval mode."""
@@ -111,7 +116,7 @@ class GeneralConditioner(nn.Module):
             inputs = [batch_item(batch, key) for key in spec.input_keys]
             if dropout and spec.legacy_ucg_value is not None:
                 inputs = [self.replaced(inputs[0], spec)]
-            grad = nullcontext() if spec.is_trainable else torch.no_grad()
+            grad = nullcontext() if spec.is_trainable or index in self.adapted else torch.no_grad()
             with grad:
                 outputs = embedder(*inputs)
             outputs = list(outputs) if isinstance(outputs, list | tuple) else [outputs]

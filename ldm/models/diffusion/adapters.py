@@ -68,37 +68,65 @@ def parse_lora_config(config: Mapping | None) -> dict[str, AdapterSpec]:
     return specs
 
 
+def text_encoders(model) -> list[tuple[str, nn.Module]]:
+    """(kohya prefix, embedder) of each text encoder: SD's condition stage (`lora_te_`), or
+    SDXL's text embedders in the conditioner's order (`lora_te1_`, `lora_te2_`, as kohya)."""
+    conditioner = getattr(model, "conditioner", None)
+    if conditioner is None:
+        return (
+            []
+            if model.cond_stage_model is None
+            else [(lora.TEXT_ENCODER_PREFIX, model.cond_stage_model)]
+        )
+    embedders = [conditioner.embedders[i] for i in conditioner.text_embedders()]
+    if len(embedders) == 1:
+        return [(lora.TEXT_ENCODER_PREFIX, embedders[0])]
+    return [(f"lora_te{n}_", embedder) for n, embedder in enumerate(embedders, start=1)]
+
+
 def part_layers(model, part: str, targets) -> dict[str, nn.Module | AttentionSlot]:
-    """{kohya name: layer} of one part of a LatentDiffusion model, for the named targets."""
+    """{kohya name: layer} of one part of a LatentDiffusion model, for the named targets.
+    kohya names SD's UNet layers as diffusers does and SDXL's by the original layout
+    (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`)."""
     pattern = lora.targets_of(targets, PARTS[part], f"lora_config.{part}")
     if part == "unet":
         unet = model.model.diffusion_model
-        return lora.adaptable_layers(unet, pattern, unet_module_names(unet), lora.UNET_PREFIX)
-    embedder = model.cond_stage_model
-    if isinstance(embedder, FrozenOpenCLIPEmbedder):
-        return open_clip_layers(embedder, targets)
-    return lora.adaptable_layers(text_model(model), pattern, None, lora.TEXT_ENCODER_PREFIX)
+        names = None if hasattr(model, "conditioner") else unet_module_names(unet)
+        return lora.adaptable_layers(unet, pattern, names, lora.UNET_PREFIX)
+    layers = {}
+    for prefix, embedder in text_encoders(model):
+        if isinstance(embedder, FrozenOpenCLIPEmbedder):
+            layers |= open_clip_layers(embedder, targets, prefix)
+        else:
+            layers |= lora.adaptable_layers(text_model(embedder), pattern, None, prefix)
+    return layers
 
 
-def text_model(model) -> nn.Module:
-    """The transformers CLIPTextModel of the condition stage (`text_model.*` inside)."""
-    transformer = getattr(model.cond_stage_model, "transformer", None)
+def text_model(embedder: nn.Module) -> nn.Module:
+    """The transformers CLIPTextModel of a text encoder (`text_model.*` inside)."""
+    transformer = getattr(embedder, "transformer", None)
     if transformer is None or not hasattr(transformer, "text_model"):
         raise NotImplementedError(
             f"text-encoder LoRA needs a CLIP text encoder (FrozenCLIPEmbedder or "
-            f"FrozenOpenCLIPEmbedder); {type(model.cond_stage_model).__name__} is neither"
+            f"FrozenOpenCLIPEmbedder); {type(embedder).__name__} is neither"
         )
     return transformer
 
 
-def open_clip_layers(embedder: FrozenOpenCLIPEmbedder, targets) -> dict:
-    """{kohya name: layer} of SD 2's OpenCLIP text tower, named as kohya names its transformers
+def open_clip_layers(embedder: FrozenOpenCLIPEmbedder, targets, prefix: str) -> dict:
+    """{kohya name: layer} of an OpenCLIP text tower, named as kohya names its transformers
     conversion (`..._encoder_layers_0_self_attn_q_proj`, `..._mlp_fc1`); blocks after the one
-    the embedder conditions on are left out (they would never get a gradient)."""
+    the embedder conditions on are left out (they would never get a gradient), unless its
+    pooled output (SDXL's) comes from the last one."""
     blocks = embedder.model.transformer.resblocks
+    used = (
+        len(blocks)
+        if getattr(embedder, "return_pooled", False)
+        else len(blocks) - embedder.layer_idx
+    )
     layers = {}
-    for i, block in enumerate(blocks[: len(blocks) - embedder.layer_idx]):
-        stem = f"{lora.TEXT_ENCODER_PREFIX}text_model_encoder_layers_{i}_"
+    for i, block in enumerate(blocks[:used]):
+        stem = f"{prefix}text_model_encoder_layers_{i}_"
         if "attn" in targets:
             for part in AttentionSlot.PARTS:
                 layers[f"{stem}self_attn_{part}_proj"] = AttentionSlot(block.attn, part)
@@ -150,7 +178,7 @@ def kohya_state_dict(network: LoRANetwork) -> dict[str, Tensor]:
 
 def param_groups(network: LoRANetwork, specs: Mapping[str, AdapterSpec]) -> list[dict]:
     """Optimizer groups, one per part, with the part's own learning rate when it has one."""
-    prefixes = {"unet": lora.UNET_PREFIX, "text_encoder": lora.TEXT_ENCODER_PREFIX}
+    prefixes = {"unet": lora.UNET_PREFIX, "text_encoder": "lora_te"}  # lora_te_, lora_te1_, ...
     groups = []
     for part, spec in specs.items():
         params = [
@@ -173,7 +201,7 @@ def all_layers(model) -> dict[str, nn.Module]:
     everything = lora.targets_of(list(lora.UNET_TARGETS), lora.UNET_TARGETS, "unet")
     layers = lora.adaptable_layers(unet, everything, unet_module_names(unet), lora.UNET_PREFIX)
     layers |= lora.adaptable_layers(unet, everything, None, lora.UNET_PREFIX)
-    if model.cond_stage_model is None:
+    if not text_encoders(model):
         return layers
     return layers | part_layers(model, "text_encoder", list(lora.TEXT_ENCODER_TARGETS))
 

@@ -64,7 +64,7 @@ def conditioning_key_of(network_config: Mapping) -> str | None:
     return ("crossattn-adm" if labels else "crossattn") if context else None
 
 
-def check_options(sampler_config, network_wrapper, lora_config) -> None:
+def check_options(sampler_config, network_wrapper) -> None:
     """Raise, naming the param, on DiffusionEngine options not supported yet."""
     reject_unsupported(
         "DiffusionEngine",
@@ -73,11 +73,6 @@ def check_options(sampler_config, network_wrapper, lora_config) -> None:
             "network_wrapper": (network_wrapper, OPENAI_WRAPPERS),
         },
     )
-    if "text_encoder" in (lora_config or {}):
-        raise NotImplementedError(
-            "DiffusionEngine: lora_config.text_encoder (LoRA of SDXL's text encoders) is not "
-            "supported yet; LoRA of the UNet is"
-        )
 
 
 class DiffusionEngine(LatentDiffusion):
@@ -115,7 +110,7 @@ class DiffusionEngine(LatentDiffusion):
         en_and_decode_n_samples_a_time: int | None = None,
         **ldm_params,
     ):
-        check_options(sampler_config, network_wrapper, ldm_params.get("lora_config"))
+        check_options(sampler_config, network_wrapper)
         denoiser = instantiate_from_config(denoiser_config)
         loss_params = {}
         if loss_fn_config is not None:
@@ -145,6 +140,9 @@ class DiffusionEngine(LatentDiffusion):
             self.loss_fn.weigh_timesteps(timestep_weights)
         self.denoiser = denoiser
         self.conditioner = instantiate_from_config(conditioner_config)
+        self.lora, self.lora_specs = super().make_lora(self.lora_config)  # needs the conditioner
+        if "text_encoder" in self.lora_specs:
+            self.conditioner.adapted.update(self.conditioner.text_embedders())
         self.ema_options["decay"] = ema_decay_rate
         self.disable_first_stage_autocast = disable_first_stage_autocast
         self.chunk = en_and_decode_n_samples_a_time
@@ -152,6 +150,17 @@ class DiffusionEngine(LatentDiffusion):
     def make_cond_stage(self, config: Mapping | str) -> nn.Module | None:
         """No condition stage: the conditioner (built after DDPM) encodes the batch."""
         return None
+
+    def make_lora(self, config: Mapping | None) -> tuple[None, dict]:
+        """LoRA waits for the conditioner, whose text encoders it may adapt (`__init__`)."""
+        self.lora_config = config
+        return None, {}
+
+    @property
+    def encodes_in_forward(self) -> bool:
+        """No: get_input's conditioner encodes, with gradients where the embedders train or
+        carry adapters."""
+        return False
 
     def computed_keys(self) -> list[str]:
         """The denoiser's sigmas come from the config: a file may lack them."""
