@@ -17,10 +17,13 @@ import sys
 from pathlib import Path
 
 import torch
+from pytorch_lightning import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ldm import inference  # noqa: E402
+from ldm.checkpoint import run_files  # noqa: E402
 from ldm.inference import latent_factor  # noqa: E402
 from ldm.models.diffusion import sampling  # noqa: E402
 from scripts.common import (  # noqa: E402
@@ -29,10 +32,14 @@ from scripts.common import (  # noqa: E402
     conditionings,
     micro_conditioning,
     precision_scope,
+    prepare_for_precision,
     sampling_options,
     save,
     setup,
 )
+
+# How far the refiner noises the base's latents: generative-models' sampling demo's default.
+REFINER_STRENGTH = 0.3
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -48,7 +55,50 @@ def get_parser() -> argparse.ArgumentParser:
     add("--C", type=int, help="latent channels (default: the model's)")
     add("--f", type=int, help="downsampling factor (default: the first stage's)")
     add_sdxl_args(parser)
+    add("--refiner", help="an SDXL refiner checkpoint or run dir, run on the base's latents")
+    add("--refiner_config", nargs="+", help="the refiner's config (default: its run dir's)")
+    add(
+        "--refiner_strength",
+        type=float,
+        default=REFINER_STRENGTH,
+        help="how far the refiner noises the base's latents before denoising them (0..1)",
+    )
     return parser
+
+
+def load_refiner(opt, base, device: torch.device):
+    """The --refiner model, ready for the base's latents; bad options exit naming them."""
+    if opt.refiner_config is None and not run_files(opt.refiner)[0]:
+        sys.exit(f"txt2img.py: --refiner {opt.refiner} is a file: give its --refiner_config")
+    if not 0.0 <= opt.refiner_strength <= 1.0:
+        sys.exit(f"txt2img.py: --refiner_strength {opt.refiner_strength} must lie in [0, 1]")
+    try:
+        refiner, _ = inference.load_model(
+            opt.refiner, opt.refiner_config, use_ema=opt.use_ema, device=device,
+            unsafe_pickle=opt.unsafe_pickle,
+        )  # fmt: skip
+        prepare_for_precision(refiner, opt.precision, device)
+    except (ValueError, OSError, RuntimeError) as err:
+        sys.exit(f"txt2img.py: --refiner {opt.refiner}: {err}")
+    if not hasattr(refiner, "conditioner") or refiner.channels != base.channels:
+        sys.exit(
+            f"txt2img.py: --refiner {opt.refiner} is a {type(refiner).__name__} with "
+            f"{refiner.channels}-channel latents; a refiner is an SDXL model (DiffusionEngine) "
+            f"on the base's {base.channels}-channel latents"
+        )
+    return refiner
+
+
+def refine(refiner, base, latents: torch.Tensor, prompts, opt, micro) -> torch.Tensor:
+    """The base's latents redrawn by the refiner, --refiner_strength of the way (img2img).
+    The refiner works in the base's latent space (SDXL's two share one autoencoder), scaled
+    by its own scale_factor; the result comes back in the base's scale, for its decoder."""
+    z = latents / base.scale_factor * refiner.scale_factor
+    cond, uncond = conditionings(refiner, prompts, opt.scale, micro)
+    z = sampling.img2img(
+        refiner, z, cond, uncond, strength=opt.refiner_strength, **sampling_options(opt)
+    )
+    return z / refiner.scale_factor * base.scale_factor
 
 
 def latent_shape(opt, model) -> tuple[int, int, int]:
@@ -70,8 +120,14 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
     model, device, batches = setup(opt, "txt2img.py")
     shape = latent_shape(opt, model)
     f = opt.f or latent_factor(model)
+    refiner = None
+    if opt.refiner is not None:
+        refiner = load_refiner(opt, model, device)
+        seed_everything(opt.seed, verbose=False)  # the base's noise as without a refiner
+    size = (shape[1] * f, shape[2] * f)
     try:
-        micro = micro_conditioning(opt, model, (shape[1] * f, shape[2] * f))
+        micro = micro_conditioning(opt, model, size)
+        refiner_micro = None if refiner is None else micro_conditioning(opt, refiner, size)
     except ValueError as err:
         sys.exit(f"txt2img.py: {err}")
     start_code = None
@@ -94,6 +150,8 @@ def main(argv: list[str] | None = None) -> list[torch.Tensor]:
                     shape=shape,
                     disable=False,
                 )
+                if refiner is not None:
+                    latents = refine(refiner, model, latents, prompts, opt, refiner_micro)
                 images.append(model.decode_first_stage(latents).float().clamp(-1, 1))
     save(opt, images)
     return images

@@ -132,3 +132,49 @@ def test_validation_prompts_sample_sdxl_at_each_prompts_size(monkeypatch):
     embed = ConcatTimestepEmbedderND(4)
     for vector, size in zip(seen, ((32.0, 32.0), (32.0, 64.0)), strict=True):
         torch.testing.assert_close(vector[:, :8], embed(torch.tensor([size])))
+
+
+@pytest.fixture(scope="module")
+def refiner_run(tmp_path_factory) -> Path:
+    logs = tmp_path_factory.mktemp("refiner-run")
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "sdxl_refiner.yaml"
+    main.main(["--base", str(config), "-l", str(logs), "-t", "--max_steps", "1", "--no-test",
+               "data.params.batch_size=2", "data.params.num_workers=0",
+               "lightning.trainer.limit_val_batches=1"])  # fmt: skip
+    (logdir,) = sorted(logs.iterdir())
+    return logdir
+
+
+def test_the_refiner_redraws_the_base_latents_with_its_own_conditioning(
+    sdxl_run, refiner_run, tmp_path, monkeypatch
+):
+    seen, real = [], sampling.img2img
+
+    def recording(model, z0, cond, uncond, **kwargs):
+        seen.append((z0, cond["c_adm"][:, 48:], uncond["c_adm"][:, 48:], kwargs["strength"]))
+        return real(model, z0, cond, uncond, **kwargs)
+
+    monkeypatch.setattr(sampling, "img2img", recording)
+    base = sample(sdxl_run, tmp_path)
+    refined = sample(sdxl_run, tmp_path, "--refiner", str(refiner_run))
+    unchanged = sample(sdxl_run, tmp_path, "--refiner", str(refiner_run), "--refiner_strength", "0")
+    assert not torch.allclose(base, refined, atol=1e-4)
+    assert torch.equal(base, unchanged)  # strength 0 keeps the base's latents
+    (z0, cond, uncond, strength), _ = seen
+    assert strength == 0.3 and z0.shape == (1, 4, 8, 8)
+    embed = ConcatTimestepEmbedderND(4)
+    torch.testing.assert_close(cond[:, 16:], embed(torch.tensor([6.0])))  # the aesthetic score
+    torch.testing.assert_close(uncond[:, 16:], embed(torch.tensor([2.5])))
+
+
+def test_a_refiner_that_is_not_sdxl_is_refused_by_name(sdxl_run, tmp_path):
+    logs = tmp_path / "sd"
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "txt2img.yaml"
+    main.main(["--base", str(config), "-l", str(logs), "-t", "--max_steps", "1", "--no-test",
+               "data.params.batch_size=2", "data.params.num_workers=0",
+               "lightning.trainer.limit_val_batches=1"])  # fmt: skip
+    (sd_run,) = sorted(logs.iterdir())
+    with pytest.raises(SystemExit, match="is a LatentDiffusion .*a refiner is an SDXL model"):
+        sample(sdxl_run, tmp_path, "--refiner", str(sd_run))
+    with pytest.raises(SystemExit, match="--refiner_strength 1.5 must lie in"):
+        sample(sdxl_run, tmp_path, "--refiner", str(sd_run), "--refiner_strength", "1.5")
