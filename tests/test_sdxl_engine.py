@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, load_config
@@ -15,6 +16,7 @@ from diffusers.loaders.single_file_utils import (
     create_unet_diffusers_config_from_ldm,
 )
 from omegaconf import OmegaConf
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import main
@@ -328,3 +330,46 @@ def test_the_latent_cache_refuses_sdxl_by_name(tmp_path):
             f"{cache}.target=ldm.data.cache.LatentCache",
             f"{cache}.params.dir={tmp_path / 'cache'}",
         )
+
+
+def test_caption_dropout_zeroes_every_text_encoder_of_an_item_at_once():
+    engine = tiny_engine(caption_dropout=0.5)
+    batch = {"image": torch.zeros(64, 32, 32, 3), "caption": [f"prompt {i}" for i in range(64)]}
+    with torch.no_grad():
+        _, kept = engine.eval().get_input(batch)
+        torch.manual_seed(0)
+        _, dropped = engine.train().get_input(batch)
+    context, pooled = dropped["c_crossattn"][0], dropped["c_adm"][:, :48]
+    zero_clip = context[:, :, :32].flatten(1).eq(0).all(dim=1)
+    zero_bigg = context[:, :, 32:].flatten(1).eq(0).all(dim=1)
+    assert torch.equal(zero_clip, zero_bigg) and torch.equal(zero_clip, pooled.eq(0).all(dim=1))
+    assert 16 <= int(zero_clip.sum()) <= 48
+    torch.testing.assert_close(context[~zero_clip], kept["c_crossattn"][0][~zero_clip])
+    assert torch.equal(dropped["c_adm"][:, 48:], kept["c_adm"][:, 48:])  # the sizes stay
+    with pytest.raises(ConfigError, match=r"caption_dropout 1.5: expected \[0, 1\]"):
+        tiny_engine(caption_dropout=1.5)
+
+
+def test_sdxl_finetune_config_is_the_base_with_training_parts(tmp_path):
+    config = load_config("sdxl/sd_xl_finetune.yaml")
+    with torch.device("meta"):
+        engine = instantiate_from_config(config.model)
+        base = instantiate_from_config(load_config("sdxl/sd_xl_base.yaml").model)
+    plain = {k: tuple(v.shape) for k, v in engine.state_dict().items() if "model_ema" not in k}
+    assert plain == {k: tuple(v.shape) for k, v in base.state_dict().items()}  # loads the file
+    assert any(k.startswith("model_ema.") for k in engine.state_dict())
+    assert engine.caption_dropout == 0.1 and engine.first_stage_key == "image"
+    assert engine.model.diffusion_model.block_kwargs["use_checkpoint"]
+    (optimizer,), schedulers = engine.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["weight_decay"] == 0.01
+    lr_lambda = schedulers[0]["scheduler"].lr_lambdas[0]
+    assert lr_lambda(0) < 1e-3 and lr_lambda(500) == pytest.approx(1.0)
+    assert config.lightning.trainer.precision == "bf16-mixed"
+    Image.fromarray(np.full((800, 1200, 3), 90, np.uint8)).save(tmp_path / "wide.png")
+    (tmp_path / "wide.txt").write_text("a wide grey picture")
+    data = config.data.params.train
+    data.params.root = str(tmp_path)
+    item = instantiate_from_config(data)[0]
+    height, width = item["image"].shape[:2]
+    assert width > height and width % 64 == 0 and height % 64 == 0
+    assert tuple(item["original_size_as_tuple"]) == (800, 1200)

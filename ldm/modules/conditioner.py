@@ -106,11 +106,14 @@ class GeneralConditioner(nn.Module):
         batch: Mapping,
         force_zero_embeddings: Iterable[str] = (),
         dropout: bool | None = None,
+        kept: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The conditioning of `batch`; embedders reading a key in `force_zero_embeddings` give
-        zeros (SDXL's unconditional text); `dropout` (default: training mode) applies ucg_rate."""
+        zeros (SDXL's unconditional text); `dropout` (default: training mode) applies ucg_rate;
+        `kept` maps a batch key to a (B,) mask of the items whose embeddings of it are kept (0:
+        zeroed, for every embedder reading it at once)."""
         dropout = self.training if dropout is None else dropout
-        zeroed = set(force_zero_embeddings)
+        zeroed, kept = set(force_zero_embeddings), kept or {}
         output: dict[str, torch.Tensor] = {}
         for index, (embedder, spec) in enumerate(zip(self.embedders, self.specs, strict=True)):
             inputs = [batch_item(batch, key) for key in spec.input_keys]
@@ -123,6 +126,9 @@ class GeneralConditioner(nn.Module):
             keep = None
             if dropout and spec.ucg_rate > 0 and spec.legacy_ucg_value is None:
                 keep = dropout_mask(len(outputs[0]), spec.ucg_rate, outputs[0].device)
+            for key in set(spec.input_keys) & set(kept):
+                mask = kept[key].to(outputs[0].device, torch.float)
+                keep = mask if keep is None else keep * mask
             for emb in outputs:
                 kind = self.kind(index, emb)
                 if keep is not None:

@@ -27,7 +27,7 @@ from ldm.models.diffusion.conditioning import (
     TARGET_SIZE_KEY,
 )
 from ldm.models.diffusion.latent import LatentDiffusion
-from ldm.models.diffusion.schedule import append_dims
+from ldm.modules.conditioner import dropout_mask
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import ConfigError, batch_item, instantiate_from_config, reject_unsupported
 
@@ -64,8 +64,10 @@ def conditioning_key_of(network_config: Mapping) -> str | None:
     return ("crossattn-adm" if labels else "crossattn") if context else None
 
 
-def check_options(sampler_config, network_wrapper) -> None:
-    """Raise, naming the param, on DiffusionEngine options not supported yet."""
+def check_options(sampler_config, network_wrapper, caption_dropout) -> None:
+    """Raise, naming the param, on DiffusionEngine options not supported (yet) or out of range."""
+    if not isinstance(caption_dropout, int | float) or not 0 <= caption_dropout <= 1:
+        raise ConfigError(f"DiffusionEngine: caption_dropout {caption_dropout!r}: expected [0, 1]")
     reject_unsupported(
         "DiffusionEngine",
         {
@@ -76,8 +78,9 @@ def check_options(sampler_config, network_wrapper) -> None:
 
 
 class DiffusionEngine(LatentDiffusion):
-    """generative-models' params, plus LatentDiffusion's (`ldm_params`: EMA placement, LoRA of
-    the UNet, `image_size` of the latents the samplers start from, ...)."""
+    """generative-models' params, plus `caption_dropout` (see get_input) and LatentDiffusion's
+    (`ldm_params`: EMA placement, LoRA, `image_size` of the latents the samplers start
+    from, ...)."""
 
     supported_conditioning = (None, "crossattn", "crossattn-adm")
     # SDXL files hold no schedule buffers: `denoiser.sigmas` stands for the schedule.
@@ -108,9 +111,10 @@ class DiffusionEngine(LatentDiffusion):
         no_cond_log: bool = False,
         compile_model: bool = False,
         en_and_decode_n_samples_a_time: int | None = None,
+        caption_dropout: float = 0.0,
         **ldm_params,
     ):
-        check_options(sampler_config, network_wrapper)
+        check_options(sampler_config, network_wrapper, caption_dropout)
         denoiser = instantiate_from_config(denoiser_config)
         loss_params = {}
         if loss_fn_config is not None:
@@ -145,7 +149,7 @@ class DiffusionEngine(LatentDiffusion):
             self.conditioner.adapted.update(self.conditioner.text_embedders())
         self.ema_options["decay"] = ema_decay_rate
         self.disable_first_stage_autocast = disable_first_stage_autocast
-        self.chunk = en_and_decode_n_samples_a_time
+        self.chunk, self.caption_dropout = en_and_decode_n_samples_a_time, caption_dropout
 
     def make_cond_stage(self, config: Mapping | str) -> nn.Module | None:
         """No condition stage: the conditioner (built after DDPM) encodes the batch."""
@@ -196,11 +200,16 @@ class DiffusionEngine(LatentDiffusion):
 
     def get_input(self, batch: Mapping, key: str | None = None) -> tuple[torch.Tensor, object]:
         """(z, cond): the scaled latents and the conditioner's output for the batch (with its
-        guidance dropout in training mode). Size and crop entries the batch lacks are those of
-        its images as they are (their own size, no crop): true of data neither resized nor
-        cropped; data that resizes or crops must give them."""
+        guidance dropout in training mode, and `caption_dropout`: each item's text zeroed in
+        every text embedder at once, as kohya's caption dropout drops the caption). Size and
+        crop entries the batch lacks are those of its images as they are (their own size, no
+        crop): true of data neither resized nor cropped; data that resizes or crops must give
+        them."""
         z = self.get_first_stage_encoding(self.first_stage_posterior(batch, key))
-        return z, self.as_cond(self.conditioner(self.with_sizes(batch, z)))
+        kept = None
+        if self.training and self.caption_dropout > 0:
+            kept = self.text_mask(dropout_mask(len(z), self.caption_dropout, z.device))
+        return z, self.as_cond(self.conditioner(self.with_sizes(batch, z), kept=kept))
 
     def with_sizes(self, batch: Mapping, z: torch.Tensor) -> dict:
         """The batch with the size and crop entries it lacks, those of its latents' images."""
@@ -249,12 +258,12 @@ class DiffusionEngine(LatentDiffusion):
         unconditional text."""
         prompts = [c] if isinstance(c, str) else list(c)
         batch = {TEXT_KEYS[0]: prompts, **self.micro_conditioning(len(prompts), size, **micro)}
-        out = self.conditioner(batch, dropout=False)
-        empty = torch.tensor([p == "" for p in prompts], device=self.device)
-        if empty.any():
-            zero = self.conditioner(batch, force_zero_embeddings=TEXT_KEYS, dropout=False)
-            out = {k: torch.where(append_dims(empty, v.ndim), zero[k], v) for k, v in out.items()}
-        return self.as_cond(out)
+        written = torch.tensor([p != "" for p in prompts])
+        return self.as_cond(self.conditioner(batch, dropout=False, kept=self.text_mask(written)))
+
+    def text_mask(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A (B,) mask for the text embedders, under whichever caption key they read."""
+        return dict.fromkeys(TEXT_KEYS, mask)
 
     @torch.no_grad()
     def log_images(
