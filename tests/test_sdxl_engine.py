@@ -319,17 +319,50 @@ def test_a_tiny_sdxl_run_samples_with_txt2img_and_exports_the_sdxl_layout(tmp_pa
     assert "conditioner.embedders.1.model.text_projection" in exported
 
 
-def test_the_latent_cache_refuses_sdxl_by_name(tmp_path):
+def cached_run(tmp_path, *args: str, base: Path = TINY):
     cache = "lightning.callbacks.latent_cache"
-    with pytest.raises(ConfigError, match="SDXL DiffusionEngine is not cached yet"):
-        run(
-            tmp_path / "logs",
-            "-t",
-            "--max_steps",
-            "1",
-            f"{cache}.target=ldm.data.cache.LatentCache",
-            f"{cache}.params.dir={tmp_path / 'cache'}",
-        )
+    overlay = str(ROOT / "configs" / "tiny" / "cached.yaml")
+    argv = ["--base", str(base), overlay, "-l", str(tmp_path / "logs"), "-t", "--no-test"]
+    flags = [f"{cache}.params.dir={tmp_path / 'cache'}", f"{cache}.params.shard_size=16"]
+    flags += ["data.params.train.params.length=24", "data.params.validation.params.length=8"]
+    return main.main([*argv, *flags, *SMALL, "lightning.trainer.limit_val_batches=1", *args])
+
+
+def test_sdxl_trains_on_a_latent_cache_of_every_embedders_outputs(tmp_path):
+    trainer = cached_run(tmp_path, "--max_steps", "2")
+    assert trainer.global_step == 2
+    cached = trainer.datamodule.datasets["train"]
+    item = cached[0]
+    assert {k for k in item if k.startswith("conditioner_output.")} == {
+        "conditioner_output.0.0",  # CLIP's context
+        "conditioner_output.1.0",  # bigG's context
+        "conditioner_output.1.1",  # bigG's pooled vector
+        "conditioner_output.2.0",  # the three size embeddings
+        "conditioner_output.3.0",
+        "conditioner_output.4.0",
+    }
+    engine = trainer.lightning_module.eval()
+    source = instantiate_from_config(OmegaConf.load(TINY).data.params.train)
+    raw = {"image": torch.as_tensor(source[0]["image"])[None], "caption": [source[0]["caption"]]}
+    batch = {k: (v[None] if isinstance(v, torch.Tensor) else [v]) for k, v in item.items()}
+    with torch.no_grad():
+        _, from_cache = engine.get_input(batch)
+        _, from_images = engine.get_input(raw)
+    for key in ("c_crossattn", "c_adm"):
+        ours = from_cache[key][0] if key == "c_crossattn" else from_cache[key]
+        theirs = from_images[key][0] if key == "c_crossattn" else from_images[key]
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_the_latent_cache_refuses_what_it_cannot_store_by_name(tmp_path):
+    config = OmegaConf.load(TINY)
+    config.model.params.conditioner_config.params.emb_models[0].legacy_ucg_value = ""
+    OmegaConf.save(config, tmp_path / "legacy.yaml")
+    with pytest.raises(ConfigError, match=r"embedder 0 \(FrozenCLIPEmbedder\) replaces captions"):
+        cached_run(tmp_path, "--max_steps", "1", base=tmp_path / "legacy.yaml")
+    lora = "model.params.lora_config.text_encoder.rank=2"
+    with pytest.raises(ConfigError, match=r"embedder 0 .* trains \(is_trainable or LoRA\)"):
+        cached_run(tmp_path, "--max_steps", "1", lora)
 
 
 def test_caption_dropout_zeroes_every_text_encoder_of_an_item_at_once():

@@ -58,13 +58,34 @@ def fingerprint(model: torch.nn.Module, identity: Mapping) -> str:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=to_plain).encode())
     stages = ["first_stage_model"]
     if not model.cond_stage_trainable:  # a trained text encoder's output is not cached
-        stages.append("cond_stage_model")
+        stages.append("conditioner" if hasattr(model, "conditioner") else "cond_stage_model")
     for name in stages:
         stage = getattr(model, name, None)
         for key, tensor in sorted((stage.state_dict() if stage is not None else {}).items()):
             digest.update(f"{name}.{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_conditioner(conditioner) -> None:
+    """Raise unless an SDXL conditioner's outputs can be cached: frozen embedders without
+    adapters, inputs never replaced (legacy_ucg_value), contexts of one length."""
+    for i, (embedder, spec) in enumerate(
+        zip(conditioner.embedders, conditioner.specs, strict=True)
+    ):
+        where = f"LatentCache: the conditioner's embedder {i} ({type(embedder).__name__})"
+        if spec.is_trainable or i in conditioner.adapted:
+            raise ConfigError(f"{where} trains (is_trainable or LoRA): train it uncached")
+        if spec.legacy_ucg_value is not None:
+            raise ConfigError(
+                f"{where} replaces captions before encoding (legacy_ucg_value); use ucg_rate "
+                "or the model's caption_dropout, which act on cached outputs, or no cache"
+            )
+        if getattr(embedder, "long_prompts", "") == "chunk":
+            raise ConfigError(
+                f"{where} has long_prompts: chunk, whose contexts differ in length from caption "
+                "to caption; use long_prompts: truncate with the cache"
+            )
 
 
 class CacheSource:
@@ -190,12 +211,8 @@ class LatentCache(pl.Callback):
                 "keeps no loss weights: train this mix without the cache"
             )
         if hasattr(model, "conditioner"):
-            raise ConfigError(
-                "LatentCache: an SDXL DiffusionEngine is not cached yet (the cache would need "
-                "its pooled text vector and both contexts, and the size entries): train it "
-                "uncached"
-            )
-        if model.model.conditioning_key not in (None, "crossattn"):
+            check_conditioner(model.conditioner)
+        elif model.model.conditioning_key not in (None, "crossattn"):
             raise ConfigError(
                 f"LatentCache: the model's conditioning_key is {model.model.conditioning_key}, "
                 "whose image conditioning (e.g. inpainting's random masks) is made per step; "

@@ -4,6 +4,8 @@ written, and `CachedLatents`, the map-style data set that reads them back.
     <dir>/<split>/shard-00000.safetensors   per item (row r of the shard), one tensor each:
                                               first_stage_moments.r (2C, h, w): [mean | logvar]
                                               cond_stage_context.r (L, D): the text encoder's
+                                              (SDXL: conditioner_output.<i>.<j>.r, each
+                                              embedder's outputs)
                                               loss_mask.r (h, w, 1): on the latent grid
                                             metadata: the shard's key, and per row its caption
                                             and its image size (width, height) as JSON
@@ -64,7 +66,9 @@ def encode_batch(model, batch: Mapping) -> dict[str, torch.Tensor]:
     batch = move_data_to_device(batch, model.device)
     posterior = model.first_stage_posterior(batch)
     out = {MOMENTS_KEY: posterior.parameters.float().cpu()}
-    if model.cond_stage_model is not None and not model.cond_stage_trainable:
+    if hasattr(model, "conditioner"):  # SDXL: each embedder's outputs
+        out |= model.cache_entries(batch, posterior.parameters)
+    elif model.cond_stage_model is not None and not model.cond_stage_trainable:
         captions = list(batch_item(batch, model.cond_stage_key))
         out[CONTEXT_KEY] = model.get_learned_conditioning(captions).float().cpu()
     if LOSS_MASK_KEY in batch:
@@ -106,7 +110,9 @@ class ShardEncoder:
         batch = default_collate([item for _, item in group])
         with self.context():
             encoded = encode_batch(self.model, batch)
-        conditional = self.model.cond_stage_model is not None
+        conditional = self.model.cond_stage_model is not None or getattr(
+            self.model, "reads_text", False
+        )
         captions = batch_item(batch, self.model.cond_stage_key) if conditional else None
         for j, (row, item) in enumerate(group):
             for key, tensor in encoded.items():

@@ -113,8 +113,12 @@ class GeneralConditioner(nn.Module):
         `kept` maps a batch key to a (B,) mask of the items whose embeddings of it are kept (0:
         zeroed, for every embedder reading it at once)."""
         dropout = self.training if dropout is None else dropout
-        zeroed, kept = set(force_zero_embeddings), kept or {}
-        output: dict[str, torch.Tensor] = {}
+        return self.assemble(self.embed(batch, dropout), force_zero_embeddings, dropout, kept)
+
+    def embed(self, batch: Mapping, dropout: bool = False) -> list[list[torch.Tensor]]:
+        """Each embedder's outputs for `batch`, as they are (a latent cache stores these);
+        with `dropout`, legacy_ucg_value first replaces some inputs."""
+        embedded = []
         for index, (embedder, spec) in enumerate(zip(self.embedders, self.specs, strict=True)):
             inputs = [batch_item(batch, key) for key in spec.input_keys]
             if dropout and spec.legacy_ucg_value is not None:
@@ -122,7 +126,21 @@ class GeneralConditioner(nn.Module):
             grad = nullcontext() if spec.is_trainable or index in self.adapted else torch.no_grad()
             with grad:
                 outputs = embedder(*inputs)
-            outputs = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
+            embedded.append(list(outputs) if isinstance(outputs, list | tuple) else [outputs])
+        return embedded
+
+    def assemble(
+        self,
+        embedded: list[list[torch.Tensor]],
+        force_zero_embeddings: Iterable[str] = (),
+        dropout: bool = False,
+        kept: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The embedders' outputs (`embed`'s, or a cache's) joined by kind, with guidance
+        dropout, `kept` masks and zeroed inputs applied (see forward)."""
+        zeroed, kept = set(force_zero_embeddings), kept or {}
+        output: dict[str, torch.Tensor] = {}
+        for index, (spec, outputs) in enumerate(zip(self.specs, embedded, strict=True)):
             keep = None
             if dropout and spec.ucg_rate > 0 and spec.legacy_ucg_value is None:
                 keep = dropout_mask(len(outputs[0]), spec.ucg_rate, outputs[0].device)

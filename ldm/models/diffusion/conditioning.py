@@ -37,6 +37,8 @@ LOSS_MASK_KEY = "loss_mask"
 # flipped) image, the crop's size; and the refiner's aesthetic score.
 ORIGINAL_SIZE_KEY, CROP_KEY = "original_size_as_tuple", "crop_coords_top_left"
 TARGET_SIZE_KEY, AESTHETIC_KEY = "target_size_as_tuple", "aesthetic_score"
+# An SDXL conditioner's cached outputs: `conditioner_output.<embedder>.<output>` per item.
+CONDITIONER_OUTPUT_KEY = "conditioner_output"
 
 
 def parse_ucg_training(config: Mapping | None) -> dict[str, dict]:

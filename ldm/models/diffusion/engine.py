@@ -22,7 +22,9 @@ from torch import nn
 from ldm.models.diffusion import previews
 from ldm.models.diffusion.conditioning import (
     AESTHETIC_KEY,
+    CONDITIONER_OUTPUT_KEY,
     CROP_KEY,
+    MOMENTS_KEY,
     ORIGINAL_SIZE_KEY,
     TARGET_SIZE_KEY,
 )
@@ -209,7 +211,32 @@ class DiffusionEngine(LatentDiffusion):
         kept = None
         if self.training and self.caption_dropout > 0:
             kept = self.text_mask(dropout_mask(len(z), self.caption_dropout, z.device))
-        return z, self.as_cond(self.conditioner(self.with_sizes(batch, z), kept=kept))
+        embedded = self.embedded(batch, z, self.training)
+        return z, self.as_cond(self.conditioner.assemble(embedded, (), self.training, kept))
+
+    def embedded(self, batch: Mapping, z: torch.Tensor, dropout: bool) -> list[list[torch.Tensor]]:
+        """Each embedder's outputs for the batch: a latent cache's, else encoded now."""
+        prefix = CONDITIONER_OUTPUT_KEY + "."
+        cached = {
+            tuple(int(n) for n in key.removeprefix(prefix).split(".")): value
+            for key, value in batch.items()
+            if key.startswith(prefix)
+        }  # {(embedder, output): (B, ...)}
+        if not cached:
+            return self.conditioner.embed(self.with_sizes(batch, z), dropout)
+        indices = range(len(self.conditioner.embedders))
+        return [[v for (e, _), v in sorted(cached.items()) if e == i] for i in indices]
+
+    @torch.no_grad()
+    def cache_entries(self, batch: Mapping, moments: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What a latent cache stores of the batch for this model: each embedder's outputs
+        (with the size and crop entries of `moments`' latents where the batch has none)."""
+        embedded = self.conditioner.embed(self.with_sizes(batch, moments), dropout=False)
+        return {
+            f"{CONDITIONER_OUTPUT_KEY}.{i}.{j}": out.float().cpu()
+            for i, outputs in enumerate(embedded)
+            for j, out in enumerate(outputs)
+        }
 
     def with_sizes(self, batch: Mapping, z: torch.Tensor) -> dict:
         """The batch with the size and crop entries it lacks, those of its latents' images."""
@@ -272,14 +299,16 @@ class DiffusionEngine(LatentDiffusion):
         """Inputs, reconstructions and EMA samples for the batch's own conditioning, unguided
         and guided against the same batch with its text zeroed."""
         batch = {k: v[:n] for k, v in batch.items()}
-        z, cond = self.get_input(batch)
-        images = {"inputs": self.batch_images(batch), "reconstructions": self.decode_first_stage(z)}
+        z = self.get_first_stage_encoding(self.first_stage_posterior(batch))
+        images = {} if MOMENTS_KEY in batch else {"inputs": self.batch_images(batch)}
+        images["reconstructions"] = self.decode_first_stage(z)
+        embedded = self.embedded(batch, z, dropout=False)
+        cond = self.as_cond(self.conditioner.assemble(embedded))
         with self.ema_scope():
             if cond is None:
                 images["samples"] = self.decode_first_stage(self.sample(None, len(z), steps))
                 return images
-            zeroed = self.conditioner(self.with_sizes(batch, z), TEXT_KEYS, dropout=False)
-            uncond = self.as_cond(zeroed)
+            uncond = self.as_cond(self.conditioner.assemble(embedded, TEXT_KEYS))
             images.update(
                 previews.guided_samples(
                     self, cond, uncond, len(z), steps, guidance_scale, z.shape[1:]
