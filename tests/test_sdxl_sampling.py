@@ -102,15 +102,24 @@ def test_img2img_conditions_an_sdxl_run_on_the_init_image_size(sdxl_run, tmp_pat
     torch.testing.assert_close(seen[0][:, :8], embed(torch.tensor([[32.0, 64.0]])))
 
 
-def test_sd_models_refuse_the_sdxl_flags_by_name(tmp_path, capsys):
-    logs = tmp_path / "sd"
-    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "txt2img.yaml"
-    main.main(["--base", str(config), "-l", str(logs), "-t", "--max_steps", "1", "--no-test",
+def one_step_run(logs: Path, config: str) -> Path:
+    """The log dir of one training step of a tiny config."""
+    base = Path(__file__).resolve().parents[1] / "configs" / "tiny" / config
+    main.main(["--base", str(base), "-l", str(logs), "-t", "--max_steps", "1", "--no-test",
                "data.params.batch_size=2", "data.params.num_workers=0",
                "lightning.trainer.limit_val_batches=1"])  # fmt: skip
     (logdir,) = sorted(logs.iterdir())
+    return logdir
+
+
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory) -> Path:
+    return one_step_run(tmp_path_factory.mktemp("sd-run"), "txt2img.yaml")
+
+
+def test_sd_models_refuse_the_sdxl_flags_by_name(sd_run, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        sample(logdir, tmp_path, "--crop", "16", "0")
+        sample(sd_run, tmp_path, "--crop", "16", "0")
     assert "--crop: SDXL's micro-conditioning" in str(exit_info.value)
     assert "LatentDiffusion does not take" in str(exit_info.value)
 
@@ -136,13 +145,7 @@ def test_validation_prompts_sample_sdxl_at_each_prompts_size(monkeypatch):
 
 @pytest.fixture(scope="module")
 def refiner_run(tmp_path_factory) -> Path:
-    logs = tmp_path_factory.mktemp("refiner-run")
-    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "sdxl_refiner.yaml"
-    main.main(["--base", str(config), "-l", str(logs), "-t", "--max_steps", "1", "--no-test",
-               "data.params.batch_size=2", "data.params.num_workers=0",
-               "lightning.trainer.limit_val_batches=1"])  # fmt: skip
-    (logdir,) = sorted(logs.iterdir())
-    return logdir
+    return one_step_run(tmp_path_factory.mktemp("refiner-run"), "sdxl_refiner.yaml")
 
 
 def test_the_refiner_redraws_the_base_latents_with_its_own_conditioning(
@@ -167,13 +170,7 @@ def test_the_refiner_redraws_the_base_latents_with_its_own_conditioning(
     torch.testing.assert_close(uncond[:, 16:], embed(torch.tensor([2.5])))
 
 
-def test_a_refiner_that_is_not_sdxl_is_refused_by_name(sdxl_run, tmp_path):
-    logs = tmp_path / "sd"
-    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "txt2img.yaml"
-    main.main(["--base", str(config), "-l", str(logs), "-t", "--max_steps", "1", "--no-test",
-               "data.params.batch_size=2", "data.params.num_workers=0",
-               "lightning.trainer.limit_val_batches=1"])  # fmt: skip
-    (sd_run,) = sorted(logs.iterdir())
+def test_a_refiner_that_is_not_sdxl_is_refused_by_name(sdxl_run, sd_run, tmp_path):
     with pytest.raises(SystemExit, match="is a LatentDiffusion .*a refiner is an SDXL model"):
         sample(sdxl_run, tmp_path, "--refiner", str(sd_run))
     with pytest.raises(SystemExit, match="--refiner_strength 1.5 must lie in"):

@@ -65,7 +65,8 @@ def fit_shape(mask: np.ndarray, shape_names: list[str]) -> int:
     radius = max(bottom - top, right - left) / 2
     scores = []
     for name in shape_names:
-        template = draw_shape(name, mask.shape[0], center, radius, (255, 255, 255), (0, 0, 0))
+        size = (mask.shape[1], mask.shape[0])  # (W, H)
+        template = draw_shape(name, size, center, radius, (255, 255, 255), (0, 0, 0))
         filled = template[..., 0] >= 128
         scores.append((mask & filled).sum() / max((mask | filled).sum(), 1))
     return int(np.argmax(scores))

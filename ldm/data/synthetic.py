@@ -73,20 +73,22 @@ def caption_for(color: str, shape: str, background: str) -> str:
 
 def draw_shape(
     shape: str,
-    size: int,
+    size: int | tuple[int, int],
     center: tuple[float, float],
     radius: float,
     color: Sequence[int],
     background: Sequence[int],
 ) -> np.ndarray:
-    """uint8 (size, size, 3) image of `shape` at `center` (x, y in pixels) on `background`."""
+    """uint8 (H, W, 3) image of `shape` at `center` (x, y in pixels) on `background`; `size`
+    is W = H, or (W, H)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
-    big = size * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), tuple(int(v) for v in background))
+    width, height = (size, size) if isinstance(size, int) else size
+    big = (width * SUPERSAMPLE, height * SUPERSAMPLE)
+    image = Image.new("RGB", big, tuple(int(v) for v in background))
     cx, cy, r = (v * SUPERSAMPLE for v in (center[0], center[1], radius))
     SHAPES[shape](ImageDraw.Draw(image), cx, cy, r, tuple(int(v) for v in color))
-    return np.asarray(image.resize((size, size), Image.Resampling.BOX))
+    return np.asarray(image.resize((width, height), Image.Resampling.BOX))
 
 
 def parse_colors(
@@ -115,7 +117,9 @@ class SyntheticShapes(Dataset):
     Items: `{"image": float32 (size, size, 3) in [-1, 1], "caption": str, "color": int,
     "shape": int, "background": int}`, the ints indexing `color_names` / `shape_names`.
     Shapes keep a margin of `size // 16` px (at least 1) from the border, so the four corner
-    pixels always show the background.
+    pixels always show the background. With `sizes` ([[width, height], ...]) item i is drawn
+    at sizes[i % len(sizes)] instead (the shape scaled to the shorter side), and the data set
+    is bucketed by them (`bucket_sizes`), as aspect-ratio buckets batch images.
     """
 
     caption_for = staticmethod(caption_for)
@@ -129,6 +133,7 @@ class SyntheticShapes(Dataset):
         shapes: Sequence[str] | None = None,
         min_scale: float = 0.4,
         max_scale: float = 0.8,
+        sizes: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if size < 8 or length < 1 or seed < 0:
             raise ValueError(
@@ -151,6 +156,33 @@ class SyntheticShapes(Dataset):
                 f"(0, {largest:.3f}] for size {size} (a {self.margin} px margin is kept)"
             )
         self.min_scale, self.max_scale = min_scale, max_scale
+        self.sizes = None if sizes is None else [tuple(int(v) for v in wh) for wh in sizes]
+        if self.sizes is not None and (
+            not self.sizes or any(len(wh) != 2 or min(wh) < size for wh in self.sizes)
+        ):
+            raise ValueError(
+                f"param 'sizes': expected [[width, height], ...] with sides ≥ size ({size}), "
+                f"got {sizes!r}"
+            )
+
+        self.remap: dict[tuple[int, int], tuple[int, int]] = {}
+
+    @property
+    def bucket_sizes(self) -> list[tuple[int, int]] | None:
+        """Each item's (width, height) with `sizes`; None (one size) otherwise."""
+        return None if self.sizes is None else [self.item_size(i) for i in range(self.length)]
+
+    def merge_buckets(self, merged: Mapping[tuple[int, int], tuple[int, int]]) -> None:
+        """Draw the items of each size in `merged` at the size it maps to (a bucket too small
+        for a batch, `ldm.data.buckets.merge_small_buckets`)."""
+        self.remap = dict(merged)
+
+    def item_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of item `index`."""
+        if self.sizes is None:
+            return self.size, self.size
+        size = self.sizes[index % len(self.sizes)]
+        return self.remap.get(size, size)
 
     def __len__(self) -> int:
         return self.length
@@ -168,16 +200,24 @@ class SyntheticShapes(Dataset):
         return color, int(rng.integers(len(self.shape_names))), background
 
     def render(
-        self, color: int, shape: int, background: int, rng: np.random.Generator
+        self,
+        color: int,
+        shape: int,
+        background: int,
+        rng: np.random.Generator,
+        size: tuple[int, int] | None = None,
     ) -> np.ndarray:
-        """float32 (size, size, 3) in [-1, 1]: the given labels at an `rng`-drawn scale/place."""
-        radius = rng.uniform(self.min_scale, self.max_scale) * self.size / 2
-        low, high = self.margin + radius, self.size - self.margin - radius
-        center = (rng.uniform(low, high), rng.uniform(low, high))
+        """float32 (H, W, 3) in [-1, 1]: the given labels at an `rng`-drawn scale and place,
+        at `size` (width, height; default size × size)."""
+        width, height = size or (self.size, self.size)
+        radius = rng.uniform(self.min_scale, self.max_scale) * min(width, height) / 2
+        x = rng.uniform(self.margin + radius, width - self.margin - radius)
+        y = rng.uniform(self.margin + radius, height - self.margin - radius)
         colors = self.color_values
         pixels = draw_shape(
-            self.shape_names[shape], self.size, center, radius, colors[color], colors[background]
-        )
+            self.shape_names[shape], (width, height), (x, y), radius, colors[color],
+            colors[background],
+        )  # fmt: skip
         return to_unit_range(pixels)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray | str | int]:
@@ -186,7 +226,7 @@ class SyntheticShapes(Dataset):
         rng = np.random.default_rng([self.seed, index])
         color, shape, background = self.sample_labels(rng)
         return {
-            "image": self.render(color, shape, background, rng),
+            "image": self.render(color, shape, background, rng, self.item_size(index)),
             "caption": self.caption(color, shape, background),
             "color": color,
             "shape": shape,
