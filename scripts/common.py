@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 from pytorch_lightning import seed_everything
 from torchvision.utils import make_grid
@@ -30,6 +33,7 @@ from ldm.models.diffusion.conditioning import (
     TARGET_SIZE_KEY,
 )
 from ldm.modules.acceleration import compile_forward
+from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -282,6 +286,24 @@ def add_demo_args(parser: argparse.ArgumentParser, outdir: str, steps: int) -> N
     add("--eval_steps", type=int, default=50, help="DDIM steps when scoring")
     add("--scale", type=float, default=3.0, help="classifier-free guidance scale")
     add("--seed", type=int, default=23)
+
+
+def run_demo(opt, fit, evaluate, data_key: str, json_name: str) -> dict:
+    """A demo that trains then scores: `fit(opt)` (a log dir), then `evaluate(model, data,
+    opt)` on the run's data set at `data_key`; the scores, with the minutes taken, are written
+    to --outdir/`json_name` and printed."""
+    out = Path(opt.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    run = fit(opt)
+    train_minutes = round((time.time() - start) / 60, 1)
+    model, config = inference.load_model(run)
+    data = instantiate_from_config(OmegaConf.select(config, data_key))
+    result = {**evaluate(model, data, opt), "train_minutes": train_minutes, "steps": opt.steps}
+    result["total_minutes"] = round((time.time() - start) / 60, 1)
+    (out / json_name).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
 
 
 def demo_sampling_flags(opt, **extra) -> SimpleNamespace:

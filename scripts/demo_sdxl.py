@@ -19,10 +19,8 @@ and `sdxl.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,8 +35,7 @@ from ldm.callbacks import to_uint8_grid  # noqa: E402
 from ldm.checkpoint import last_checkpoint  # noqa: E402
 from ldm.data.shapes_judge import accuracy, judge, prompt_grid, to_uint8  # noqa: E402
 from ldm.models.diffusion import sampling  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
-from scripts.common import add_demo_args  # noqa: E402
+from scripts.common import add_demo_args, run_demo  # noqa: E402
 
 SIZES = ((32, 32), (48, 32))  # (width, height): square and 3:2
 CACHE_DIR = "demo-sdxl-latent-cache"  # under --logdir
@@ -109,19 +106,9 @@ def evaluate(model, data, opt) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    opt = get_parser().parse_args(argv)
-    out = Path(opt.outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    run = fit(opt)
-    train_minutes = round((time.time() - start) / 60, 1)
-    model, config = inference.load_model(run)
-    data = instantiate_from_config(config.data.params.validation)
-    result = {**evaluate(model, data, opt), "train_minutes": train_minutes, "steps": opt.steps}
-    result["total_minutes"] = round((time.time() - start) / 60, 1)
-    (out / "sdxl.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
-    return result
+    return run_demo(
+        get_parser().parse_args(argv), fit, evaluate, "data.params.validation", "sdxl.json"
+    )
 
 
 if __name__ == "__main__":

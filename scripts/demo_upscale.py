@@ -20,9 +20,7 @@ original) and `upscale.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import main as train  # noqa: E402
-from ldm import inference  # noqa: E402
 from ldm.callbacks import to_uint8_grid  # noqa: E402
 from ldm.checkpoint import last_checkpoint  # noqa: E402
 from ldm.data.lowres import area_downsample  # noqa: E402
 from ldm.data.shapes_judge import accuracy, judge, prompt_grid, to_uint8  # noqa: E402
 from ldm.data.synthetic import SyntheticShapes  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
-from scripts.common import add_demo_args, demo_sampling_flags  # noqa: E402
+from scripts.common import add_demo_args, demo_sampling_flags, run_demo  # noqa: E402
 from scripts.upscale import upscale  # noqa: E402
 
 FACTOR = 4
@@ -115,19 +111,13 @@ def fit(opt) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    opt = get_parser().parse_args(argv)
-    out = Path(opt.outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    run = fit(opt)
-    train_minutes = round((time.time() - start) / 60, 1)
-    model, config = inference.load_model(run)
-    data = instantiate_from_config(config.data.params.validation.params.dataset)
-    result = {**evaluate(model, data, opt), "train_minutes": train_minutes, "steps": opt.steps}
-    result["total_minutes"] = round((time.time() - start) / 60, 1)
-    (out / "upscale.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
-    return result
+    return run_demo(
+        get_parser().parse_args(argv),
+        fit,
+        evaluate,
+        "data.params.validation.params.dataset",
+        "upscale.json",
+    )
 
 
 if __name__ == "__main__":
