@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.data.shapes_judge import Verdict, accuracy, judge, prompt_grid
@@ -64,6 +66,8 @@ def test_demo_runs_end_to_end_and_writes_grids_and_scores(tmp_path):
         [
             "--ae_steps",
             "2",
+            "--ae_precision",
+            "bf16-mixed",
             "--ldm_steps",
             "2",
             "--logdir",
@@ -84,11 +88,28 @@ def test_demo_runs_end_to_end_and_writes_grids_and_scores(tmp_path):
     assert saved == result and saved["n_images"] == 24
     assert {"color", "shape", "background", "all", "training_minutes"} <= set(saved)
     assert {"txt2img_minutes", "scoring_minutes", "curve_minutes"} <= set(saved)
+    (ae_run,) = (tmp_path / "logs").glob("*_demo-autoencoder")
+    (lightning_config,) = (ae_run / "configs").glob("*-lightning.yaml")
+    trained_in = OmegaConf.load(lightning_config).lightning.trainer.precision
+    assert saved["autoencoder_precision"] == trained_in == "bf16-mixed"
     # two step checkpoints: each scored (one image per prompt) and drawn against its step
     curve = json.loads((out / "curve" / "curve.json").read_text())
     assert [(point["step"], point["n_images"]) for point in curve] == [(1, 24), (2, 24)]
     with Image.open(out / "accuracy.png") as image:
         assert image.format == "PNG" and image.size == SIZE
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(False, False, "32"), (True, False, "bf16-mixed"), (False, True, "bf16-mixed")],
+)
+def test_demo_autoencoder_trains_in_bf16_only_where_the_cpu_has_it(
+    monkeypatch, avx512_bf16, amx, expected
+):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert demo.autoencoder_precision("auto") == expected
+    assert demo.autoencoder_precision("32") == "32"
 
 
 @pytest.mark.slow
