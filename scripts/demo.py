@@ -3,7 +3,9 @@ latents, on the synthetic shapes; write sample grids and the prompt-adherence sc
 
     python scripts/demo.py [--ae_steps 1000] [--ldm_steps 3500] [--outdir outputs/demo]
 
-Everything runs on the CPU. The text-to-image run trains on latents and text embeddings
+Everything runs on the CPU. The autoencoder trains under bf16 autocast where the CPU has bf16
+instructions (--ae_precision auto), in fp32 elsewhere; the text-to-image model in fp32 (its
+matrices are too small for bf16 to pay). The text-to-image run trains on latents and text embeddings
 encoded once, before it starts (configs/tiny/cached.yaml), into --logdir/demo-latent-cache;
 a later demo whose autoencoder came out the same reuses them. Runs go to --logdir (logs/),
 pictures and scores to --outdir:
