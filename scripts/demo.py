@@ -5,10 +5,10 @@ latents, on the synthetic shapes; write sample grids and the prompt-adherence sc
 
 Everything runs on the CPU. The autoencoder trains under bf16 autocast where the CPU has bf16
 instructions (--ae_precision auto), in fp32 elsewhere; the text-to-image model in fp32 (its
-matrices are too small for bf16 to pay). The text-to-image run trains on latents and text embeddings
-encoded once, before it starts (configs/tiny/cached.yaml), into --logdir/demo-latent-cache;
-a later demo whose autoencoder came out the same reuses them. Runs go to --logdir (logs/),
-pictures and scores to --outdir:
+matrices are too small for bf16 to pay). The text-to-image run trains on latents and text
+embeddings encoded once, before it starts (configs/tiny/cached.yaml), into
+--logdir/demo-latent-cache; a later demo whose autoencoder came out the same reuses them.
+Runs go to --logdir (logs/), pictures and scores to --outdir:
 `samples.png` and `captions.txt` (the final model), `demo.json` (its scores and the minutes of
 each phase), `autoencoder_loss.png` and `txt2img_loss.png` (the runs' loss curves) and, when the
 text-to-image run saved several step checkpoints, `accuracy.png` (each checkpoint's scores
@@ -127,6 +127,7 @@ def native_bf16() -> bool:
 
 
 def autoencoder_precision(choice: str) -> str:
+    """The Trainer precision of --ae_precision `choice` on this machine."""
     if choice != "auto":
         return choice
     return "bf16-mixed" if native_bf16() else "32"
