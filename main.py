@@ -289,7 +289,8 @@ def checkpoint_callbacks(ckptdir: str, monitor, config: DictConfig, lightning_co
     """`last.ckpt`, the last K step checkpoints and, when the model names a `monitor` and the
     data has a validation split, the best K by it (`best-*.ckpt`, lowest first).
 
-    K is `lightning.modelcheckpoint.params.save_top_k` (KEEP_CHECKPOINTS; -1 keeps every one).
+    K is `lightning.modelcheckpoint.params.save_top_k` (KEEP_CHECKPOINTS; -1 keeps every step
+    checkpoint, and then the single best by the monitor rather than a copy of each).
     """
     params = OmegaConf.select(lightning_config, "modelcheckpoint.params")
     params = {} if params is None else OmegaConf.to_container(params)  # none in the config
@@ -310,7 +311,7 @@ def checkpoint_callbacks(ckptdir: str, monitor, config: DictConfig, lightning_co
             filename=BEST_CHECKPOINT,
             monitor=monitor,
             mode="min",
-            save_top_k=keep,
+            save_top_k=1 if keep == -1 else keep,
             save_last=False,
         )
         callbacks.append(best)

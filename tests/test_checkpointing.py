@@ -75,6 +75,29 @@ def test_monitor_keeps_the_best_k_by_the_validation_metric(tmp_path):
     assert [int(name.split("step=")[1].split(".")[0]) for name in best] == best_steps
 
 
+def test_keeping_every_step_checkpoint_keeps_one_best_not_a_copy_of_each(tmp_path):
+    """save_top_k -1 (the tiny config's, for the accuracy curve) keeps every step checkpoint;
+    the best by the monitor is then the single best one, not a second copy of all of them."""
+    trainer = run(
+        tmp_path,
+        "-t",
+        "--max_steps",
+        "4",
+        "model.params.monitor=val/loss_simple_ema",
+        "lightning.trainer.val_check_interval=1",
+        "lightning.trainer.limit_val_batches=1",
+        "lightning.modelcheckpoint.params.save_top_k=-1",
+        "model.base_learning_rate=1e-3",
+    )
+    logdir = Path(trainer.default_root_dir)
+    assert len(step_checkpoints(trainer)) == 4
+    with open(next(logdir.glob("csv/**/metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/loss_simple_ema")]
+    best_step = int(min(rows, key=lambda r: float(r["val/loss_simple_ema"]))["step"]) + 1
+    best = [p.name for p in (logdir / "checkpoints").glob("best-*.ckpt")]
+    assert best == [f"best-epoch=000000-step={best_step:09}.ckpt"]
+
+
 def test_without_t_main_evaluates_and_does_not_train(tmp_path):
     trainer = run(tmp_path, "lightning.trainer.limit_val_batches=1")
     assert trainer.global_step == 0 and trainer.state.fn == "validate"
