@@ -35,6 +35,18 @@ def step_checkpoints(trainer) -> list[str]:
     return sorted(p.name for p in folder.glob("epoch=*-step=*.ckpt"))
 
 
+def validation_losses(logdir: Path) -> dict[int, float]:
+    """val/loss_simple_ema of each validation in the run's metrics.csv, by the step after it."""
+    with open(next(logdir.glob("csv/**/metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/loss_simple_ema")]
+    return {int(r["step"]) + 1: float(r["val/loss_simple_ema"]) for r in rows}  # logged at step - 1
+
+
+def best_checkpoint_steps(logdir: Path) -> list[int]:
+    names = sorted(p.name for p in (logdir / "checkpoints").glob("best-*.ckpt"))
+    return [int(name.split("step=")[1].split(".")[0]) for name in names]
+
+
 def test_the_last_k_step_checkpoints_are_kept(tmp_path):
     no_val = "lightning.trainer.limit_val_batches=0"
     trainer = run(tmp_path / "a", "-t", "--max_steps", "5", no_val)
@@ -67,12 +79,8 @@ def test_monitor_keeps_the_best_k_by_the_validation_metric(tmp_path):
         "model.base_learning_rate=1e-3",
     )
     logdir = Path(trainer.default_root_dir)
-    with open(next(logdir.glob("csv/**/metrics.csv"))) as f:
-        rows = [r for r in csv.DictReader(f) if r.get("val/loss_simple_ema")]
-    by_loss = sorted(rows, key=lambda r: float(r["val/loss_simple_ema"]))
-    best_steps = sorted(int(r["step"]) + 1 for r in by_loss[:2])  # logged at step - 1
-    best = sorted(p.name for p in (logdir / "checkpoints").glob("best-*.ckpt"))
-    assert [int(name.split("step=")[1].split(".")[0]) for name in best] == best_steps
+    losses = validation_losses(logdir)
+    assert best_checkpoint_steps(logdir) == sorted(sorted(losses, key=losses.get)[:2])
 
 
 def test_keeping_every_step_checkpoint_keeps_one_best_not_a_copy_of_each(tmp_path):
@@ -91,11 +99,8 @@ def test_keeping_every_step_checkpoint_keeps_one_best_not_a_copy_of_each(tmp_pat
     )
     logdir = Path(trainer.default_root_dir)
     assert len(step_checkpoints(trainer)) == 4
-    with open(next(logdir.glob("csv/**/metrics.csv"))) as f:
-        rows = [r for r in csv.DictReader(f) if r.get("val/loss_simple_ema")]
-    best_step = int(min(rows, key=lambda r: float(r["val/loss_simple_ema"]))["step"]) + 1
-    best = [p.name for p in (logdir / "checkpoints").glob("best-*.ckpt")]
-    assert best == [f"best-epoch=000000-step={best_step:09}.ckpt"]
+    losses = validation_losses(logdir)
+    assert best_checkpoint_steps(logdir) == [min(losses, key=losses.get)]
 
 
 def test_without_t_main_evaluates_and_does_not_train(tmp_path):
