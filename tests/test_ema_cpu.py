@@ -1,4 +1,5 @@
-"""The EMA kept on the CPU (`ema_device: cpu`) and moved every K steps (`ema_update_every`).
+"""The EMA's options: kept on the CPU (`ema_device: cpu`), moved every K steps
+(`ema_update_every`), with its own decay (`ema_decay_rate`).
 
 The CPU copy must be the default EMA's twin: the same numbers with K = 1, the same checkpoint
 keys, a closed form with K > 1 (the per-step warm-up and decay ** K), an exact resume, and it
@@ -73,6 +74,10 @@ def ema_state(model) -> dict[str, torch.Tensor]:
         ({"ema_update_every": 0}, "ema_update_every"),
         ({"ema_update_every": 2.5}, "ema_update_every"),
         ({"ema_update_every": True}, "ema_update_every"),
+        ({"ema_decay_rate": 1.5}, "ema_decay_rate"),
+        ({"ema_decay_rate": -0.1}, "ema_decay_rate"),
+        ({"ema_decay_rate": "high", "use_ema": False}, "ema_decay_rate"),
+        ({"ema_decay_rate": True}, "ema_decay_rate"),
     ],
 )
 def test_bad_options_fail_naming_the_key(params, key):
@@ -178,9 +183,8 @@ def held_ema(initial: dict, weights: list[dict], every: int, decay_at) -> dict:
 @pytest.mark.parametrize("device", [None, "cpu"])
 def test_with_k_3_the_ema_moves_every_3_steps_by_the_closed_form(tmp_path, device):
     every, steps, decay = 3, 13, 0.5  # warm-up (1+n)/(10+n) < 0.5 until n = 8, then decay**3
-    model = build(ema_device=device, ema_update_every=every)
+    model = build(ema_device=device, ema_update_every=every, ema_decay_rate=decay)
     model.learning_rate = 1e-2  # weights that move far enough to tell decays apart
-    model.model_ema.decay.fill_(decay)
     initial = ema_state(model)
     record = Record()
     fit(model, tmp_path, steps, callbacks=[record])
@@ -229,6 +233,7 @@ def test_every_k_is_the_per_step_ema_of_weights_held_between_moves(warm_up):
 @pytest.mark.slow
 def test_main_saves_and_resumes_the_cpu_ema_exactly_and_the_scripts_load_it(tmp_path):
     options = ["model.params.ema_device=cpu", "model.params.ema_update_every=2"]
+    options.append("model.params.ema_decay_rate=0.99")
     small = ["data.params.batch_size=4", "data.params.num_workers=0"]
     small += ["lightning.trainer.limit_val_batches=1", *options]
 
@@ -242,6 +247,7 @@ def test_main_saves_and_resumes_the_cpu_ema_exactly_and_the_scripts_load_it(tmp_
     resumed = main.main(["-r", str(logdir), "-t", "--no-test", "--max_steps", "5", *small])
     model = resumed.lightning_module
     assert model.model_ema.num_updates.item() == 5
+    assert model.model_ema.decay.item() == pytest.approx(0.99)
     assert [n for n, _ in model.named_buffers() if n.startswith("model_ema.")] == []
     assert all(v.device.type == "cpu" for v in model.model_ema.state_dict().values())
     reference = whole.lightning_module.state_dict()

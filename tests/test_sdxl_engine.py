@@ -184,6 +184,13 @@ def test_other_weightings_train_generative_models_loss(scaling, weighting, loss_
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+def test_ema_decay_rate_reaches_the_ema_and_a_bad_one_is_named():
+    assert tiny_engine().model_ema.decay.item() == pytest.approx(0.999)  # the config's
+    assert tiny_engine(ema_decay_rate=0.5).model_ema.decay.item() == 0.5
+    with pytest.raises(ConfigError, match="^ema_decay_rate 2"):
+        tiny_engine(ema_decay_rate=2)
+
+
 def test_loss_options_that_cannot_train_are_named():
     edm = {"loss_fn_config.params.sigma_sampler_config.params.num_idx": 500}
     with pytest.raises(NotImplementedError, match="sigma_sampler must be a DiscreteSampling"):

@@ -38,14 +38,17 @@ def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {unwrapped_name(name): p for name, p in model.named_parameters()}
 
 
-def ema_options(ema_device: str | None, ema_update_every: int) -> dict:
-    """LitEma's `device` and `every` from a model's `ema_device` and `ema_update_every` params."""
+def ema_options(ema_device: str | None, ema_update_every: int, ema_decay_rate: float) -> dict:
+    """LitEma's `device`, `every` and `decay` from a model's `ema_device`, `ema_update_every`
+    and `ema_decay_rate` params."""
     if ema_device not in (None, "cpu"):
         raise ConfigError(f"ema_device {ema_device!r}: expected cpu, or null (the weights' device)")
-    every = ema_update_every
+    every, decay = ema_update_every, ema_decay_rate
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ConfigError(f"ema_update_every {every!r}: expected an integer >= 1 (optimizer steps)")
-    return {"device": ema_device, "every": every}
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay <= 1:
+        raise ConfigError(f"ema_decay_rate {decay!r}: expected a number in [0, 1], e.g. 0.9999")
+    return {"device": ema_device, "every": every, "decay": float(decay)}
 
 
 class LitEma(nn.Module):

@@ -124,6 +124,7 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         compile: bool = False,
         ema_device: str | None = None,
         ema_update_every: int = 1,
+        ema_decay_rate: float = 0.9999,
     ):
         super().__init__()
         self.check_conditioning(conditioning_key)
@@ -159,7 +160,7 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         self.optimizer_config = optimizer_config
         self.model = self.make_model(unet_config, conditioning_key, channels_last, compile)
         self.use_ema = use_ema  # the EMA is built after construction: `after_construction`
-        self.ema_options = ema_options(ema_device, ema_update_every)  # checked with EMA off too
+        self.ema_options = ema_options(ema_device, ema_update_every, ema_decay_rate)  # EMA off too
         self.timestep_spacing = "trailing" if zero_terminal_snr else "uniform"  # from SNR 0
         self.register_schedule(betas, v_posterior)
         self.register_logvar(logvar_init, learn_logvar)
@@ -265,8 +266,7 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         return state_dict
 
     def computed_keys(self) -> list[str]:
-        """Keys a file may lack: the schedule (built from the config), the EMA (restarted) and
-        LatentDiffusion's scale_factor (measured by scale_by_std)."""
+        """Keys a file may lack: the schedule, the EMA (restarted) and scale_factor (measured)."""
         return [*self.schedule_keys, EMA_PREFIX, "scale_factor"]
 
     def after_loading(self, loaded: set[str], path) -> None:

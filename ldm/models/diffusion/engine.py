@@ -134,6 +134,7 @@ class DiffusionEngine(LatentDiffusion):
             unet_config=network_config,
             ckpt_path=ckpt_path,
             use_ema=use_ema,
+            ema_decay_rate=ema_decay_rate,
             first_stage_key=input_key,
             scheduler_config=scheduler_config,
             optimizer_config=optimizer_config,
@@ -149,7 +150,6 @@ class DiffusionEngine(LatentDiffusion):
         self.lora, self.lora_specs = super().make_lora(self.lora_config)  # needs the conditioner
         if "text_encoder" in self.lora_specs:
             self.conditioner.adapted.update(self.conditioner.text_embedders())
-        self.ema_options["decay"] = ema_decay_rate
         self.disable_first_stage_autocast = disable_first_stage_autocast
         self.chunk, self.caption_dropout = en_and_decode_n_samples_a_time, caption_dropout
 
