@@ -40,7 +40,7 @@ def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def ema_options(ema_device: str | None, ema_update_every: int, ema_decay_rate: float) -> dict:
     """LitEma's `device`, `every` and `decay` from a model's `ema_device`, `ema_update_every`
-    and `ema_decay_rate` params."""
+    and `ema_decay_rate` params; checked with `use_ema: false` too."""
     if ema_device not in (None, "cpu"):
         raise ConfigError(f"ema_device {ema_device!r}: expected cpu, or null (the weights' device)")
     every, decay = ema_update_every, ema_decay_rate

@@ -160,7 +160,7 @@ class DDPM(pl.LightningModule, metaclass=BuildsThenLoads):
         self.optimizer_config = optimizer_config
         self.model = self.make_model(unet_config, conditioning_key, channels_last, compile)
         self.use_ema = use_ema  # the EMA is built after construction: `after_construction`
-        self.ema_options = ema_options(ema_device, ema_update_every, ema_decay_rate)  # EMA off too
+        self.ema_options = ema_options(ema_device, ema_update_every, ema_decay_rate)
         self.timestep_spacing = "trailing" if zero_terminal_snr else "uniform"  # from SNR 0
         self.register_schedule(betas, v_posterior)
         self.register_logvar(logvar_init, learn_logvar)
